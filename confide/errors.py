@@ -112,5 +112,7 @@ def from_response(status: int, body: Any) -> ConfideError:
     """Rebuild the error a peer service reported, so callers can catch it by type."""
     if isinstance(body, dict) and body.get("error") in _BY_CODE:
         cls = _BY_CODE[body["error"]]
-        return cls(str(body.get("message", "")), status=status, **(body.get("details") or {}))
+        details = dict(body.get("details") or {})
+        details["status"] = status
+        return cls(str(body.get("message", "")), **details)
     return RemoteError(f"peer answered HTTP {status}: {str(body)[:300]}", status=status)

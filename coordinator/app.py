@@ -1,0 +1,197 @@
+"""The coordinator service: registry, agreements, jobs. Built by `create_app(settings)`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Depends, FastAPI, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from confide import __version__, pki
+from confide.auth import H_SENDER, Peer, RequestVerifier
+from confide.db import make_engine, session_factory, session_scope
+from confide.errors import AuthenticationError, ValidationError
+from confide.pki import Identity
+from confide.settings import CoordinatorSettings
+from confide.transport import ServiceClient
+from confide.web import BodyLimitMiddleware, authenticate, install_error_handlers, meta_router, require
+from coordinator import service
+from coordinator.jobtypes import known_types
+from coordinator.orchestrator import Orchestrator
+from coordinator.schemas import CreateJobRequest, JobOut, PartyOut, ProposeRequest, RegisterRequest, SignRequest
+from coordinator.storage import ensure_schema
+from coordinator.storage.models import Job, Party
+
+log = logging.getLogger("confide.coordinator")
+PARTY = require("brand", "partner")
+
+
+class Coordinator:
+    """Everything the routes need, built once from settings."""
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        identity: Identity | None = None,
+        node_transport: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity or pki.load_identity(settings.pki_dir)
+        if self.identity.name != "coordinator":
+            raise ValidationError(f"identity in {settings.pki_dir} is {self.identity.name!r}, not the coordinator")
+        self.engine = make_engine(settings.resolved_database_url("coordinator.db"))
+        ensure_schema(self.engine)
+        self.factory: sessionmaker[Session] = session_factory(self.engine)
+        self.verifier = RequestVerifier("coordinator", self._resolve, max_skew_s=settings.max_clock_skew_s)
+        self._node_transport = node_transport
+        self.orchestrator = Orchestrator(
+            self.factory,
+            self.node_client,
+            step_deadline_s=settings.step_deadline_s,
+            poll_interval_s=settings.poll_interval_s,
+        )
+
+    def _resolve(self, name: str):  # type: ignore[no-untyped-def]
+        with session_scope(self.factory) as s:
+            party = s.get(Party, name)
+            if party is None:
+                return None
+            from cryptography.hazmat.primitives.asymmetric import ed25519
+
+            return ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(party.identity_key)), party.role
+
+    def node_client(self, party: str) -> ServiceClient:
+        with session_scope(self.factory) as s:
+            endpoint = service.get_party(s, party).endpoint
+        transport = self._node_transport(party) if self._node_transport else None
+        return ServiceClient(self.identity, party, endpoint, transport=transport, timeout=15.0)
+
+
+def create_app(
+    settings: CoordinatorSettings,
+    *,
+    identity: Identity | None = None,
+    node_transport: Callable[[str], Any] | None = None,
+    run_orchestrator: bool = True,
+) -> FastAPI:
+    coord = Coordinator(settings, identity, node_transport)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if run_orchestrator:
+            coord.orchestrator.start()
+        yield
+        coord.orchestrator.stop()
+        coord.engine.dispose()
+
+    app = FastAPI(title="Confide coordinator", version=__version__, lifespan=lifespan)
+    app.state.coordinator = coord
+    app.state.verifier = coord.verifier
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    install_error_handlers(app)
+
+    def _parties() -> dict[str, int]:
+        with session_scope(coord.factory) as s:
+            return {"parties": len(list(s.scalars(select(Party.name))))}
+
+    app.include_router(meta_router("coordinator", _parties))
+
+    @app.get("/v1/identity")
+    def identity_info() -> dict[str, str]:
+        """The coordinator's certificate (public); nodes check it against their CA."""
+        return {"name": "coordinator", "cert_pem": coord.identity.cert_pem.decode()}
+
+    @app.get("/v1/job-types")
+    def job_types() -> dict[str, list[str]]:
+        return {"job_types": known_types()}
+
+    # -- registry --------------------------------------------------------------------------
+    @app.post("/v1/parties", response_model=PartyOut)
+    async def register(request: Request) -> Any:
+        """Register (or update) a party. Authenticated by the identity key in its certificate."""
+        raw = await request.body()
+        try:
+            body = RegisterRequest.model_validate(json.loads(raw or b"{}"))
+        except Exception as exc:
+            raise ValidationError(f"invalid registration: {exc}") from exc
+        info = pki.verify_certificate(body.cert_pem, coord.identity.ca_pem)
+        if info.name != body.name or info.role != body.role:
+            raise AuthenticationError(
+                f"certificate is for {info.name!r} ({info.role}), not {body.name!r} ({body.role})"
+            )
+        if request.headers.get(H_SENDER) != info.name:
+            raise AuthenticationError("registration must be signed by the party it registers")
+        await authenticate(request, coord.verifier, key_override=(info.identity_public, info.role))
+        with session_scope(coord.factory) as s:
+            party = service.register_party(s, coord.identity.ca_pem, info, body.endpoint, body.cert_pem)
+            return PartyOut.model_validate(party, from_attributes=True)
+
+    @app.get("/v1/parties", response_model=list[PartyOut])
+    def parties(peer: Peer = Depends(PARTY)) -> Any:
+        with session_scope(coord.factory) as s:
+            return [PartyOut.model_validate(p, from_attributes=True) for p in s.scalars(select(Party).order_by(Party.name))]
+
+    # -- agreements ------------------------------------------------------------------------
+    @app.post("/v1/agreements")
+    def propose(body: ProposeRequest, peer: Peer = Depends(PARTY)) -> Any:
+        with session_scope(coord.factory) as s:
+            av = service.propose(s, peer.name, body.spec)
+            s.flush()
+            return service.to_signed(av).model_dump(mode="json")
+
+    @app.get("/v1/agreements")
+    def agreements(peer: Peer = Depends(PARTY)) -> Any:
+        with session_scope(coord.factory) as s:
+            return [service.to_signed(av).model_dump(mode="json") for av in service.list_for(s, peer.name)]
+
+    @app.get("/v1/agreements/{agreement_id}/versions/{version}")
+    def agreement(agreement_id: str, version: int, peer: Peer = Depends(PARTY)) -> Any:
+        with session_scope(coord.factory) as s:
+            av = service.get_version(s, agreement_id, version)
+            doc = service.to_signed(av)
+            doc.spec.party(peer.name)
+            return doc.model_dump(mode="json")
+
+    @app.post("/v1/agreements/{agreement_id}/versions/{version}/signatures")
+    def sign(agreement_id: str, version: int, body: SignRequest, peer: Peer = Depends(PARTY)) -> Any:
+        with session_scope(coord.factory) as s:
+            av = service.add_signature(s, coord.identity, peer.name, agreement_id, version, body.digest, body.signature)
+            s.flush()
+            return service.to_signed(av).model_dump(mode="json")
+
+    # -- jobs --------------------------------------------------------------------------------
+    def job_out(job: Job) -> JobOut:
+        return JobOut.model_validate(job, from_attributes=True)
+
+    @app.post("/v1/jobs", response_model=JobOut, status_code=201)
+    def create_job(body: CreateJobRequest, peer: Peer = Depends(PARTY)) -> Any:
+        with session_scope(coord.factory) as s:
+            job = service.create_job(s, peer.name, body.type, body.agreement_id, body.version, body.params)
+            s.flush()
+            s.refresh(job)
+            out = job_out(job)
+            coord.orchestrator.wake()
+            return out
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut)
+    def get_job(job_id: str, peer: Peer = Depends(PARTY)) -> Any:
+        with session_scope(coord.factory) as s:
+            return job_out(service.get_job(s, job_id, peer.name))
+
+    @app.get("/v1/jobs", response_model=list[JobOut])
+    def list_jobs(peer: Peer = Depends(PARTY)) -> Any:
+        with session_scope(coord.factory) as s:
+            mine = {av.agreement_id for av in service.list_for(s, peer.name)}
+            jobs = s.scalars(select(Job).where(Job.agreement_id.in_(mine)).order_by(Job.created_at)) if mine else []
+            return [job_out(j) for j in jobs]
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
+    def cancel(job_id: str, peer: Peer = Depends(PARTY)) -> Any:
+        with session_scope(coord.factory) as s:
+            return job_out(service.cancel_job(s, job_id, peer.name))
+
+    return app

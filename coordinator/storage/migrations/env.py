@@ -1,0 +1,28 @@
+"""Alembic environment of the coordinator database."""
+
+from alembic import context
+from sqlalchemy import create_engine
+
+from coordinator.storage.models import CoordinatorBase
+
+target_metadata = CoordinatorBase.metadata
+
+
+def run() -> None:
+    conn = context.config.attributes.get("connection")
+    if conn is None:
+        engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+        with engine.begin() as conn:
+            _run(conn)
+        return
+    _run(conn)
+
+
+def _run(conn) -> None:  # type: ignore[no-untyped-def]
+    context.configure(connection=conn, target_metadata=target_metadata, compare_type=True,
+                      render_as_batch=conn.dialect.name == "sqlite")
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+run()

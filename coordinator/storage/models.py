@@ -1,0 +1,124 @@
+"""Coordinator tables: registry, agreement versions and signatures, jobs and their steps."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import JSON, DateTime, ForeignKey, ForeignKeyConstraint, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class CoordinatorBase(DeclarativeBase):
+    type_annotation_map = {dt.datetime: DateTime(timezone=True)}
+
+
+class Party(CoordinatorBase):
+    __tablename__ = "parties"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    role: Mapped[str] = mapped_column(String(20))
+    endpoint: Mapped[str] = mapped_column(String(300))
+    cert_pem: Mapped[str] = mapped_column(Text)
+    identity_key: Mapped[str] = mapped_column(String(64), doc="Ed25519 public key, hex")
+    box_key: Mapped[str] = mapped_column(String(64), doc="X25519 public key, hex")
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    registered_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class AgreementVersion(CoordinatorBase):
+    __tablename__ = "agreement_versions"
+
+    agreement_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    spec: Mapped[dict] = mapped_column(JSON)
+    digest: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20), doc="proposed | active | superseded")
+    proposer: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    activated_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    coordinator_signature: Mapped[str | None] = mapped_column(String(100), default=None)
+
+    signatures: Mapped[list["AgreementSignature"]] = relationship(
+        back_populates="agreement", cascade="all, delete-orphan", lazy="selectin"
+    )
+
+
+class AgreementSignature(CoordinatorBase):
+    __tablename__ = "agreement_signatures"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["agreement_id", "version"], ["agreement_versions.agreement_id", "agreement_versions.version"]
+        ),
+    )
+
+    agreement_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    party: Mapped[str] = mapped_column(String(40), primary_key=True)
+    signature: Mapped[str] = mapped_column(String(100))
+    signed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    agreement: Mapped[AgreementVersion] = relationship(back_populates="signatures")
+
+
+class Job(CoordinatorBase):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["agreement_id", "version"], ["agreement_versions.agreement_id", "agreement_versions.version"]
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    type: Mapped[str] = mapped_column(String(40))
+    agreement_id: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    requester: Mapped[str] = mapped_column(String(40))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(20), index=True, doc="pending|running|succeeded|failed|cancelled")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    result: Mapped[dict | None] = mapped_column(JSON, default=None)
+
+    steps: Mapped[list["JobStep"]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="JobStep.seq", lazy="selectin"
+    )
+
+
+class JobStep(CoordinatorBase):
+    __tablename__ = "job_steps"
+    __table_args__ = (UniqueConstraint("job_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[int] = mapped_column(Integer, doc="steps of one stage run in parallel")
+    name: Mapped[str] = mapped_column(String(80))
+    party: Mapped[str | None] = mapped_column(String(40), doc="node that runs it; None = coordinator")
+    status: Mapped[str] = mapped_column(String(20), doc="pending|dispatched|succeeded|failed|cancelled")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    last_contact_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    result: Mapped[dict | None] = mapped_column(JSON, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+
+    job: Mapped[Job] = relationship(back_populates="steps")
+
+
+class Event(CoordinatorBase):
+    """The coordinator's own record of decisions (registrations, signatures, refusals, job transitions)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(60))
+    actor: Mapped[str | None] = mapped_column(String(40))
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)

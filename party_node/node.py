@@ -1,0 +1,298 @@
+"""A party node's runtime: identity, database, coordinator link, peer keys, audit, steps.
+
+The node trusts only its own CA and its own records: other parties' identity keys come from
+certificates it checks against the CA itself, and every job step is checked against an
+agreement this node signed, fully signed by everyone and counter-signed, not expired.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from confide import agreements as ag
+from confide import pki
+from confide.auth import RequestVerifier
+from confide.db import make_engine, session_factory, session_scope
+from confide.errors import AgreementError, ConfideError, Conflict, NotFound, PermissionDenied, ValidationError
+from confide.pki import Identity
+from confide.settings import NodeSettings
+from confide.transport import ServiceClient
+from party_node.audit import NodeAudit
+from party_node.steps import StepContext, executor_for
+from party_node.storage import ensure_schema
+from party_node.storage.models import SignedAgreementRecord, StepRecord, utcnow
+
+log = logging.getLogger("confide.node")
+
+
+class Node:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        identity: Identity | None = None,
+        coordinator_transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity or pki.load_identity(settings.pki_dir)
+        if self.identity.name != settings.name:
+            raise ValidationError(
+                f"node is configured as {settings.name!r} but its certificate names {self.identity.name!r}"
+            )
+        if self.identity.role not in ("brand", "partner"):
+            raise ValidationError(f"identity {self.identity.name!r} has role {self.identity.role!r}, not a party")
+        self.engine = make_engine(settings.resolved_database_url("node.db"))
+        ensure_schema(self.engine)
+        self.factory: sessionmaker[Session] = session_factory(self.engine)
+        self.audit = NodeAudit(self.factory, self.identity)
+        self._coordinator_transport = coordinator_transport
+        self._keys: dict[str, ed25519.Ed25519PublicKey] = {}
+        self._keys_lock = threading.Lock()
+        self.verifier = RequestVerifier(self.identity.name, self._resolve, max_skew_s=settings.max_clock_skew_s)
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="step")
+        self._running: dict[tuple[str, str], threading.Event] = {}
+        self._recover()
+
+    # -- peers and keys ------------------------------------------------------------------------
+    def coordinator(self) -> ServiceClient:
+        return ServiceClient(
+            self.identity, "coordinator", self.settings.coordinator_url, transport=self._coordinator_transport
+        )
+
+    def _resolve(self, name: str):  # type: ignore[no-untyped-def]
+        if name == self.identity.name:
+            return self.identity.public_key, "self"
+        key = self.key_of(name, refresh_ok=True, quiet=True)
+        if key is None:
+            return None
+        return key, ("coordinator" if name == "coordinator" else "party")
+
+    def key_of(self, name: str, *, refresh_ok: bool = True, quiet: bool = False) -> ed25519.Ed25519PublicKey | None:
+        """Identity key of `name`, from a certificate this node verified against its CA."""
+        with self._keys_lock:
+            if name in self._keys:
+                return self._keys[name]
+        if not refresh_ok:
+            return None
+        try:
+            self.refresh_keys()
+        except ConfideError as exc:
+            if not quiet:
+                raise
+            log.warning("could not refresh peer keys: %s", exc.message)
+        with self._keys_lock:
+            return self._keys.get(name)
+
+    def refresh_keys(self) -> None:
+        with self.coordinator() as c:
+            coord_cert = c.get("/v1/identity")["cert_pem"]
+            info = pki.verify_certificate(coord_cert, self.identity.ca_pem)
+            if info.name != "coordinator" or info.role != "coordinator":
+                raise AgreementError("the coordinator presented a certificate that is not the coordinator's")
+            keys = {"coordinator": info.identity_public}
+            try:
+                parties = c.get("/v1/parties")
+            except ConfideError:
+                parties = []  # not registered yet
+        for p in parties:
+            try:
+                pinfo = pki.verify_certificate(p["cert_pem"], self.identity.ca_pem)
+            except ConfideError:
+                log.warning("registry entry %s has a certificate our CA did not issue; ignored", p.get("name"))
+                continue
+            if pinfo.name == p["name"]:
+                keys[pinfo.name] = pinfo.identity_public
+        with self._keys_lock:
+            self._keys.update(keys)
+
+    def verified_keys(self, names: list[str]) -> dict[str, ed25519.Ed25519PublicKey]:
+        out: dict[str, ed25519.Ed25519PublicKey] = {}
+        for n in names:
+            k = self.key_of(n)
+            if k is not None:
+                out[n] = k
+        return out
+
+    # -- registration and agreements -------------------------------------------------------------
+    def register(self) -> dict[str, Any]:
+        body = {
+            "name": self.identity.name,
+            "role": self.identity.role,
+            "endpoint": self.settings.endpoint(),
+            "cert_pem": self.identity.cert_pem.decode(),
+        }
+        with self.coordinator() as c:
+            out = c.post("/v1/parties", body)
+        self.audit.append("node.registered", {"coordinator": self.settings.coordinator_url, "endpoint": body["endpoint"]})
+        self.refresh_keys()
+        return out
+
+    def sign_agreement(self, agreement_id: str, version: int, *, expect_digest: str | None = None) -> dict[str, Any]:
+        """Review and sign an agreement version at this node.
+
+        The node fetches the version, recomputes its digest, checks it names this node and is not
+        expired, records its signature locally, then sends it to the coordinator.
+        """
+        with self.coordinator() as c:
+            doc = ag.SignedAgreement.model_validate(c.get(f"/v1/agreements/{agreement_id}/versions/{version}"))
+        digest = ag.spec_digest(doc.agreement_id, doc.version, doc.spec)
+        if digest != doc.digest:
+            raise AgreementError("the coordinator served an agreement whose content does not match its digest")
+        if expect_digest is not None and expect_digest != digest:
+            raise AgreementError(f"agreement digest is {digest}, not the reviewed {expect_digest}")
+        me = doc.spec.party(self.identity.name)
+        if doc.spec.expires_at <= dt.datetime.now(dt.timezone.utc):
+            raise AgreementError(f"agreement {agreement_id} v{version} has already expired")
+        if doc.status != "proposed":
+            raise Conflict(f"agreement {agreement_id} v{version} is {doc.status}; nothing to sign")
+        self._check_own_datasets(me)
+        sig = ag.sign(self.identity.signing_key, agreement_id, version, digest, self.identity.name)
+        with session_scope(self.factory) as s:
+            if s.get(SignedAgreementRecord, (agreement_id, version)) is None:
+                s.add(SignedAgreementRecord(agreement_id=agreement_id, version=version, digest=digest,
+                                            spec=doc.spec.model_dump(mode="json"), signature=sig))
+            self.audit.append("agreement.signed", {"agreement_id": agreement_id, "version": version, "digest": digest},
+                              session=s)
+        with self.coordinator() as c:
+            return c.post(f"/v1/agreements/{agreement_id}/versions/{version}/signatures",
+                          {"digest": digest, "signature": sig})
+
+    def _check_own_datasets(self, me: ag.PartySpec) -> None:
+        """Refuse to sign for datasets/columns this node does not hold."""
+        try:
+            from party_node import datasets as ds
+        except ImportError:
+            return
+        with session_scope(self.factory) as s:
+            for name in me.datasets:
+                try:
+                    info = ds.describe(s, name)
+                except NotFound:
+                    raise ValidationError(f"agreement names dataset {name!r}, which this node does not hold") from None
+                have = {c["column"] for c in info["columns"]}
+                wanted = set(me.columns.get(name, [])) | {i.column for i in me.identifiers if i.dataset == name}
+                missing = sorted(wanted - have)
+                if missing:
+                    raise ValidationError(f"agreement names columns {missing} not in dataset {name!r}")
+
+    def check_agreement(self, doc_data: dict[str, Any], job_type: str, requester: str) -> ag.SignedAgreement:
+        """Everything a node checks before a job step; raises AgreementError/PermissionDenied."""
+        doc = ag.SignedAgreement.model_validate(doc_data)
+        with session_scope(self.factory) as s:
+            mine = s.get(SignedAgreementRecord, (doc.agreement_id, doc.version))
+            if mine is None or mine.digest != doc.digest:
+                raise AgreementError(f"this node never signed agreement {doc.agreement_id} v{doc.version} as presented")
+            newer = s.scalars(
+                select(SignedAgreementRecord.version).where(
+                    SignedAgreementRecord.agreement_id == doc.agreement_id,
+                    SignedAgreementRecord.version > doc.version,
+                    SignedAgreementRecord.active_document.is_not(None),
+                )
+            ).first()
+            if newer is not None:
+                raise AgreementError(f"agreement {doc.agreement_id} v{doc.version} was superseded by v{newer}")
+        names = [p.name for p in doc.spec.parties] + ["coordinator"]
+        ag.verify_signed(doc, self.verified_keys(names))
+        doc.spec.party(self.identity.name)
+        doc.spec.party(requester)
+        rule = doc.spec.rule(job_type)
+        if rule.requester is not None and rule.requester != requester:
+            raise PermissionDenied(f"{requester!r} may not request {job_type!r} under {doc.agreement_id}")
+        with session_scope(self.factory) as s:
+            rec = s.get(SignedAgreementRecord, (doc.agreement_id, doc.version))
+            assert rec is not None
+            if rec.active_document is None:
+                rec.active_document = doc.model_dump(mode="json")
+                rec.activated_seen_at = utcnow()
+        return doc
+
+    # -- job steps ---------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """After a restart, steps that were running are marked interrupted; the coordinator re-runs them."""
+        with session_scope(self.factory) as s:
+            for rec in s.scalars(select(StepRecord).where(StepRecord.status == "running")):
+                rec.status = "interrupted"
+                rec.error = "node restarted during the step"
+                self.audit.append("step.interrupted", {"job_id": rec.job_id, "step": rec.step}, session=s)
+
+    def start_step(self, body: dict[str, Any], coordinator_name: str) -> dict[str, Any]:
+        job_id, step, job_type = body["job_id"], body["step"], body["job_type"]
+        requester, params = body["requester"], body.get("params") or {}
+        try:
+            doc = self.check_agreement(body["agreement"], job_type, requester)
+            run = executor_for(job_type)
+        except ConfideError as exc:
+            self.audit.append("step.refused", {"job_id": job_id, "step": step, "job_type": job_type,
+                                               "reason": exc.message})
+            raise
+        with session_scope(self.factory) as s:
+            rec = s.get(StepRecord, (job_id, step))
+            if rec is not None and rec.status in ("running", "succeeded", "failed"):
+                return self.step_status(job_id, step)
+            if rec is None:
+                rec = StepRecord(job_id=job_id, step=step, job_type=job_type, agreement_id=doc.agreement_id,
+                                 version=doc.version, requester=requester, params=params, status="running",
+                                 attempt=int(body.get("attempt", 1)))
+                s.add(rec)
+            else:  # interrupted or cancelled before: run again
+                rec.status, rec.error, rec.result = "running", None, None
+                rec.attempt = int(body.get("attempt", rec.attempt + 1))
+                rec.started_at, rec.finished_at = utcnow(), None
+            self.audit.append("step.started", {"job_id": job_id, "step": step, "job_type": job_type,
+                                               "agreement_id": doc.agreement_id, "version": doc.version}, session=s)
+        cancel = threading.Event()
+        self._running[(job_id, step)] = cancel
+        ctx = StepContext(node=self, job_id=job_id, step=step, agreement=doc, params=params,
+                          requester=requester, cancelled=cancel)
+        self.pool.submit(self._run_step, ctx, run)
+        return {"status": "running"}
+
+    def _run_step(self, ctx: StepContext, run: Callable[[StepContext], dict[str, Any]]) -> None:
+        try:
+            if self.settings.test_step_delay_s:
+                ctx.cancelled.wait(self.settings.test_step_delay_s)
+            result = run(ctx)
+            status, error = "succeeded", None
+        except ConfideError as exc:
+            result, status, error = None, "failed", exc.message
+        except Exception as exc:  # a bug must still end the step cleanly
+            log.exception("step %s/%s crashed", ctx.job_id, ctx.step)
+            result, status, error = None, "failed", f"internal error: {type(exc).__name__}"
+        finally:
+            self._running.pop((ctx.job_id, ctx.step), None)
+        if ctx.cancelled.is_set():
+            status, result, error = "cancelled", None, "cancelled"
+        with session_scope(self.factory) as s:
+            rec = s.get(StepRecord, (ctx.job_id, ctx.step))
+            if rec is None:
+                return
+            rec.status, rec.result, rec.error, rec.finished_at = status, result, error, utcnow()
+            self.audit.append(f"step.{status}", {"job_id": ctx.job_id, "step": ctx.step,
+                                                 **({"error": error} if error else {})}, session=s)
+
+    def step_status(self, job_id: str, step: str) -> dict[str, Any]:
+        with session_scope(self.factory) as s:
+            rec = s.get(StepRecord, (job_id, step))
+            if rec is None:
+                raise NotFound(f"no step {step!r} of job {job_id!r} at this node")
+            return {"status": rec.status, "attempt": rec.attempt, "result": rec.result, "error": rec.error}
+
+    def cancel_step(self, job_id: str, step: str) -> dict[str, Any]:
+        ev = self._running.get((job_id, step))
+        if ev is not None:
+            ev.set()
+        return self.step_status(job_id, step)
+
+    def close(self) -> None:
+        for ev in list(self._running.values()):
+            ev.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.dispose()

@@ -1,0 +1,39 @@
+"""Alembic environment of a node database (node tables, dataset catalog, consent, audit).
+
+Dataset content tables (`ds_*`) are created at ingest with each dataset's declared schema and
+are not managed here.
+"""
+
+from alembic import context
+from sqlalchemy import create_engine
+
+from party_node.storage import metadatas
+from party_node.storage.base import DATA_TABLE_PREFIX
+
+target_metadata = metadatas()
+
+
+def include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-untyped-def]
+    if type_ == "table" and name and name.startswith(DATA_TABLE_PREFIX):
+        return False
+    return True
+
+
+def run() -> None:
+    conn = context.config.attributes.get("connection")
+    if conn is None:
+        engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+        with engine.begin() as conn:
+            _run(conn)
+        return
+    _run(conn)
+
+
+def _run(conn) -> None:  # type: ignore[no-untyped-def]
+    context.configure(connection=conn, target_metadata=target_metadata, compare_type=True,
+                      include_object=include_object, render_as_batch=conn.dialect.name == "sqlite")
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+run()
