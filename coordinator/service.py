@@ -168,7 +168,6 @@ def add_signature(
 
 def create_job(session: Session, requester: str, type_: str, agreement_id: str, version: int | None, params: dict) -> Job:
     """Create a pending job against an active agreement version the requester is party to."""
-    jt = job_type(type_)
     av = get_version(session, agreement_id, version)
     if av.status != "active":
         raise AgreementError(f"agreement {agreement_id} v{av.version} is {av.status}, not active")
@@ -179,7 +178,7 @@ def create_job(session: Session, requester: str, type_: str, agreement_id: str, 
     rule = spec.rule(type_)
     if rule.requester is not None and rule.requester != requester:
         raise PermissionDenied(f"only {rule.requester!r} may request {type_!r} jobs under {agreement_id}")
-    clean = jt.validate_params(spec, params)
+    clean = job_type(type_).validate_params(spec, params)
     job = Job(
         id=str(uuid.uuid4()),
         type=type_,
