@@ -7,7 +7,7 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,7 +19,7 @@ from confide.pki import Identity
 from confide.settings import CoordinatorSettings
 from confide.transport import ServiceClient
 from confide.web import BodyLimitMiddleware, authenticate, install_error_handlers, meta_router, require
-from coordinator import service
+from coordinator import relay, service
 from coordinator.jobtypes import known_types
 from coordinator.orchestrator import Orchestrator
 from coordinator.schemas import CreateJobRequest, JobOut, PartyOut, ProposeRequest, RegisterRequest, SignRequest
@@ -188,6 +188,20 @@ def create_app(
             mine = {av.agreement_id for av in service.list_for(s, peer.name)}
             jobs = s.scalars(select(Job).where(Job.agreement_id.in_(mine)).order_by(Job.created_at)) if mine else []
             return [job_out(j) for j in jobs]
+
+    # -- relay -------------------------------------------------------------------------------
+    @app.put("/v1/relay/{job_id}/{channel}/{recipient}/{seq}")
+    async def relay_put(job_id: str, channel: str, recipient: str, seq: int, request: Request,
+                        peer: Peer = Depends(PARTY)) -> dict[str, int]:
+        payload = await request.body()
+        with session_scope(coord.factory) as s:
+            return {"bytes": relay.put(s, job_id, channel, peer.name, recipient, seq, payload)}
+
+    @app.get("/v1/relay/{job_id}/{channel}/{sender}/{seq}")
+    def relay_get(job_id: str, channel: str, sender: str, seq: int, peer: Peer = Depends(PARTY)) -> Response:
+        with session_scope(coord.factory) as s:
+            data = relay.get(s, job_id, channel, sender, peer.name, seq)
+        return Response(content=data, media_type="application/octet-stream")
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
     def cancel(job_id: str, peer: Peer = Depends(PARTY)) -> Any:

@@ -23,7 +23,7 @@ from confide import agreements as ag
 from confide.db import session_scope
 from confide.errors import ConfideError, RemoteError
 from confide.transport import ServiceClient
-from coordinator import service
+from coordinator import relay, service
 from coordinator.jobtypes import job_type
 from coordinator.storage.models import Job, JobStep, utcnow
 
@@ -229,6 +229,7 @@ class Orchestrator:
                 job.status = "failed"
                 job.error = f"finalising failed: {exc.message}"
             job.finished_at = utcnow()
+            relay.purge(s, job_id)
             service.record(s, f"job.{job.status}", "coordinator", job_id=job_id)
 
     def _fail(self, job_id: str, reason: str) -> None:
@@ -243,5 +244,6 @@ class Orchestrator:
                 if st.status in ("pending", "dispatched"):
                     st.status = "cancelled" if st.status == "pending" else "failed"
                     st.error = st.error or reason
+            relay.purge(s, job_id)
             service.record(s, "job.failed", "coordinator", job_id=job_id, reason=reason)
         log.warning("job %s failed: %s", job_id, reason)

@@ -214,5 +214,8 @@ def cancel_job(session: Session, job_id: str, party: str) -> Job:
     for st in job.steps:
         if st.status in ("pending", "dispatched"):
             st.status = "cancelled"
+    from coordinator import relay
+
+    relay.purge(session, job_id)
     record(session, "job.cancelled", party, job_id=job_id)
     return job

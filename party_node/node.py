@@ -54,7 +54,7 @@ class Node:
         self.factory: sessionmaker[Session] = session_factory(self.engine)
         self.audit = NodeAudit(self.factory, self.identity)
         self._coordinator_transport = coordinator_transport
-        self._keys: dict[str, ed25519.Ed25519PublicKey] = {}
+        self._certs: dict[str, pki.CertInfo] = {}
         self._keys_lock = threading.Lock()
         self.verifier = RequestVerifier(self.identity.name, self._resolve, max_skew_s=settings.max_clock_skew_s)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="step")
@@ -77,9 +77,14 @@ class Node:
 
     def key_of(self, name: str, *, refresh_ok: bool = True, quiet: bool = False) -> ed25519.Ed25519PublicKey | None:
         """Identity key of `name`, from a certificate this node verified against its CA."""
+        info = self.cert_of(name, refresh_ok=refresh_ok, quiet=quiet)
+        return None if info is None else info.identity_public
+
+    def cert_of(self, name: str, *, refresh_ok: bool = True, quiet: bool = False) -> pki.CertInfo | None:
+        """What the CA-verified certificate of `name` binds (identity and box keys)."""
         with self._keys_lock:
-            if name in self._keys:
-                return self._keys[name]
+            if name in self._certs:
+                return self._certs[name]
         if not refresh_ok:
             return None
         try:
@@ -89,7 +94,7 @@ class Node:
                 raise
             log.warning("could not refresh peer keys: %s", exc.message)
         with self._keys_lock:
-            return self._keys.get(name)
+            return self._certs.get(name)
 
     def refresh_keys(self) -> None:
         with self.coordinator() as c:
@@ -97,7 +102,7 @@ class Node:
             info = pki.verify_certificate(coord_cert, self.identity.ca_pem)
             if info.name != "coordinator" or info.role != "coordinator":
                 raise AgreementError("the coordinator presented a certificate that is not the coordinator's")
-            keys = {"coordinator": info.identity_public}
+            certs = {"coordinator": info}
             try:
                 parties = c.get("/v1/parties")
             except ConfideError:
@@ -109,9 +114,9 @@ class Node:
                 log.warning("registry entry %s has a certificate our CA did not issue; ignored", p.get("name"))
                 continue
             if pinfo.name == p["name"]:
-                keys[pinfo.name] = pinfo.identity_public
+                certs[pinfo.name] = pinfo
         with self._keys_lock:
-            self._keys.update(keys)
+            self._certs.update(certs)
 
     def verified_keys(self, names: list[str]) -> dict[str, ed25519.Ed25519PublicKey]:
         out: dict[str, ed25519.Ed25519PublicKey] = {}

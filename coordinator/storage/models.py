@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import JSON, DateTime, ForeignKey, ForeignKeyConstraint, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -122,3 +132,20 @@ class Event(CoordinatorBase):
     kind: Mapped[str] = mapped_column(String(60))
     actor: Mapped[str | None] = mapped_column(String(40))
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class RelayMessage(CoordinatorBase):
+    """An end-to-end encrypted party-to-party payload in transit. The coordinator sees sizes only;
+    messages are deleted when their job ends."""
+
+    __tablename__ = "relay_messages"
+    __table_args__ = (UniqueConstraint("job_id", "channel", "sender", "recipient", "seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    channel: Mapped[str] = mapped_column(String(60))
+    sender: Mapped[str] = mapped_column(String(40))
+    recipient: Mapped[str] = mapped_column(String(40))
+    seq: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
