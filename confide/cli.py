@@ -73,6 +73,7 @@ def _register_subcommands() -> None:
 
     app.add_typer(coordinator_app, name="coordinator")
     app.add_typer(node_app, name="node")
+    from consent.audit_cli import app as audit_app; app.add_typer(audit_app, name="audit")  # noqa: E702
 
 
 def main(argv: Optional[list[str]] = None) -> None:
