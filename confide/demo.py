@@ -1,0 +1,247 @@
+"""`confide demo`: the end-to-end walk-through on one machine.
+
+Starts a coordinator, a brand node and a partner node as separate processes on loopback with
+mutual TLS, generates realistic synthetic data, registers the parties, proposes and signs an
+agreement at each node, ingests the data, runs every job type the platform has, and writes a
+report (terminal + HTML). Each stage is a function; later capabilities add theirs to `STAGES`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from confide.errors import ConfideError, RemoteError
+from confide.localnet import LocalNet
+
+BRAND, PARTNER = "brand", "partner"
+
+
+@dataclass
+class DemoRun:
+    out: Path
+    scale: float
+    seed: int
+    console: Console
+    net: LocalNet | None = None
+    synth: dict[str, Any] = field(default_factory=dict)
+    sections: list[dict[str, Any]] = field(default_factory=list)
+    timings: list[tuple[str, float]] = field(default_factory=list)
+    agreement: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, title: str, summary: str, rows: list[list[Any]] | None = None,
+                header: list[str] | None = None) -> None:
+        self.sections.append({"title": title, "summary": summary, "rows": rows or [], "header": header or []})
+        table = Table(title=title, title_justify="left", show_header=bool(header))
+        for h in header or [""]:
+            table.add_column(str(h))
+        for r in rows or []:
+            table.add_row(*[str(c) for c in r])
+        self.console.print(summary)
+        if rows:
+            self.console.print(table)
+
+    def node(self, party: str):  # type: ignore[no-untyped-def]
+        assert self.net is not None
+        return self.net.client(party)
+
+    def wait_job(self, job_id: str, progress: Progress, task: Any, timeout: float = 1800) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.node(BRAND) as c:
+            while True:
+                job = c.get(f"/v1/admin/jobs/{job_id}")
+                done = sum(s["status"] == "succeeded" for s in job["steps"])
+                progress.update(task, total=max(1, len(job["steps"])), completed=done)
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    return job
+                if time.monotonic() > deadline:
+                    raise ConfideError(f"job {job_id} did not finish in {timeout:.0f}s")
+                time.sleep(0.25)
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+
+def stage_synth(run: DemoRun, progress: Progress) -> None:
+    from party_node import synth
+
+    members = max(1000, int(20_000 * run.scale))
+    run.synth = synth.generate(run.out / "data", members=members, partner_factor=3.0, leads=members // 4,
+                               overlap=0.35, seed=run.seed, fmt="csv", brand_name=BRAND, partner_name=PARTNER)
+    gt = json.loads((run.out / "data" / "ground_truth.json").read_text())
+    files = sorted(p for p in (run.out / "data").iterdir() if p.suffix == ".csv")
+    rows = [[p.name, f"{sum(1 for _ in p.open()) - 1:,}"] for p in files]
+    run.section("Synthetic data", f"Generated {members:,} brand members with seed {run.seed}; "
+                f"planted ground truth: {json.dumps(gt)[:300]}", rows, ["file", "rows"])
+
+
+def stage_services(run: DemoRun, progress: Progress) -> None:
+    run.net = LocalNet(run.out / "deploy", [(BRAND, "brand"), (PARTNER, "partner")],
+                       coordinator_settings={"poll_interval_s": 0.2})
+    run.net.start_all()
+    rows = [[name, svc.kind, svc.url, str(svc.config)] for name, svc in run.net.services.items()]
+    run.section("Services", "Coordinator and two party nodes running as separate processes with mutual TLS.",
+                rows, ["service", "kind", "url", "config"])
+
+
+def stage_register(run: DemoRun, progress: Progress) -> None:
+    rows = []
+    for party in (BRAND, PARTNER):
+        with run.node(party) as c:
+            p = c.post("/v1/admin/register")
+        rows.append([p["name"], p["role"], p["endpoint"], p["fingerprint"][:16] + "…"])
+    run.section("Registry", "Both parties registered with their CA-issued certificates.", rows,
+                ["party", "role", "endpoint", "cert fingerprint"])
+
+
+def stage_ingest(run: DemoRun, progress: Progress) -> None:
+    from confide import db
+    from party_node import datasets as ds
+    from party_node.storage import ensure_schema
+
+    assert run.net is not None
+    plan = {BRAND: ["brand_members", "brand_leads"], PARTNER: ["partner_population"]}
+    rows = []
+    for party, names in plan.items():
+        from confide.settings import NodeSettings, load_settings
+
+        settings = load_settings(NodeSettings, run.net.config(party))
+        engine = db.make_engine(settings.resolved_database_url("node.db"))
+        ensure_schema(engine)
+        for name in names:
+            schema = ds.load_schema(run.out / "data" / f"{name}.schema.yaml")
+            report = ds.ingest(engine, run.out / "data" / f"{name}.csv", schema, replace=True)
+            rows.append([party, schema.dataset, f"{report.rows:,}", f"{report.seconds:.2f}s"])
+        engine.dispose()
+    run.section("Ingest", "Each party loaded its own files into its own node database.", rows,
+                ["party", "dataset", "rows", "time"])
+
+
+def agreement_spec(run: DemoRun) -> dict[str, Any]:
+    from confide.agreements import JOB_TYPES
+
+    from coordinator.jobtypes import known_types
+
+    jobs = [t for t in known_types() if t in JOB_TYPES]
+    purpose_of = {"dataset-stats": "audience.overlap", "overlap": "audience.overlap", "match": "audience.match",
+                  "profile": "audience.overlap", "train": "modeling.lead_scoring", "score": "scoring.lead",
+                  "lookalike": "modeling.lookalike"}
+    return {
+        "agreement_id": "coffee-x-apptags-2026",
+        "title": "Coffee chain members x app-interest partner: overlap, lead scoring",
+        "parties": [
+            {"name": BRAND, "role": "label_holder", "datasets": ["brand_members", "brand_leads"],
+             "identifiers": [{"dataset": "brand_members", "column": "phone", "type": "phone"}],
+             "impact_assessment": "PIA-BRAND-2026-014"},
+            {"name": PARTNER, "role": "feature_holder", "datasets": ["partner_population"],
+             "identifiers": [{"dataset": "partner_population", "column": "phone", "type": "phone"}],
+             "impact_assessment": "PIA-PARTNER-2026-003"},
+        ],
+        "purposes": ["audience", "modeling", "scoring"],
+        "allowed_jobs": [{"type": t, "purpose": purpose_of.get(t, "audience.overlap"), "outputs": []} for t in jobs],
+        "k_min": 50,
+        "expires_at": (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=180)).isoformat(),
+    }
+
+
+def stage_agreement(run: DemoRun, progress: Progress) -> None:
+    with run.node(BRAND) as c:
+        doc = c.post("/v1/admin/agreements", agreement_spec(run))
+        c.post(f"/v1/admin/agreements/{doc['agreement_id']}/versions/{doc['version']}/sign", {"digest": doc["digest"]})
+    with run.node(PARTNER) as c:
+        doc = c.post(f"/v1/admin/agreements/{doc['agreement_id']}/versions/{doc['version']}/sign",
+                     {"digest": doc["digest"]})
+    run.agreement = doc
+    rows = [[p["name"], p["role"], ", ".join(p["datasets"]), p["impact_assessment"]] for p in doc["spec"]["parties"]]
+    run.section("Agreement", f"{doc['agreement_id']} v{doc['version']} is {doc['status']}: signed by "
+                f"{', '.join(sorted(doc['signatures']))} and counter-signed by the coordinator; digest "
+                f"{doc['digest'][:16]}…; allowed jobs: {', '.join(j['type'] for j in doc['spec']['allowed_jobs'])}; "
+                f"k_min {doc['spec']['k_min']}.", rows, ["party", "role", "datasets", "impact assessment"])
+
+
+def run_job(run: DemoRun, progress: Progress, job_type: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    with run.node(BRAND) as c:
+        job = c.post("/v1/admin/jobs", {"type": job_type, "agreement_id": run.agreement["agreement_id"],
+                                        "params": params or {}})
+    task = progress.add_task(f"job {job_type}", total=1)
+    job = run.wait_job(job["id"], progress, task)
+    if job["status"] != "succeeded":
+        raise ConfideError(f"{job_type} job {job['id']} {job['status']}: {job['error']}")
+    return job
+
+
+def stage_dataset_stats(run: DemoRun, progress: Progress) -> None:
+    job = run_job(run, progress, "dataset-stats")
+    rows = []
+    for party, res in job["result"]["parties"].items():
+        for d in res["datasets"]:
+            roles: dict[str, int] = {}
+            for col in d["columns"]:
+                roles[col["role"]] = roles.get(col["role"], 0) + 1
+            rows.append([party, d["dataset"], f"{d['rows']:,}", ", ".join(f"{v} {k}" for k, v in sorted(roles.items()))])
+    run.section("Job: dataset-stats", f"Job {job['id'][:8]} succeeded: row counts and schema per party, nothing else.",
+                rows, ["party", "dataset", "rows", "columns"])
+
+
+STAGES: list[tuple[str, Callable[[DemoRun, Progress], None]]] = [
+    ("generate synthetic data", stage_synth),
+    ("start services (mTLS)", stage_services),
+    ("register parties", stage_register),
+    ("ingest datasets", stage_ingest),
+    ("propose and sign agreement", stage_agreement),
+    ("dataset-stats job", stage_dataset_stats),
+]
+
+
+def write_html(run: DemoRun) -> Path:
+    env = Environment(loader=PackageLoader("confide", "templates"), autoescape=select_autoescape())
+    html = env.get_template("report.html.j2").render(
+        sections=run.sections, timings=run.timings, generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        scale=run.scale, seed=run.seed)
+    path = run.out / "report.html"
+    path.write_text(html)
+    return path
+
+
+def demo(out: Path, *, scale: float = 1.0, seed: int = 42, keep: bool = False) -> Path:
+    """Run the whole demo; returns the HTML report's path. Raises ConfideError on failure."""
+    console = Console()
+    if out.exists() and not keep:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = DemoRun(out=out, scale=scale, seed=seed, console=console)
+    try:
+        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console) as progress:
+            overall = progress.add_task("demo", total=len(STAGES))
+            for name, fn in STAGES:
+                progress.update(overall, description=name)
+                t0 = time.perf_counter()
+                fn(run, progress)
+                run.timings.append((name, time.perf_counter() - t0))
+                progress.advance(overall)
+        path = write_html(run)
+        table = Table("stage", "seconds", title="Demo timings", title_justify="left")
+        for name, secs in run.timings:
+            table.add_row(name, f"{secs:.1f}")
+        console.print(table)
+        console.print(f"[green]Demo finished.[/green] HTML report: {path}")
+        return path
+    except (ConfideError, RemoteError):
+        if run.net is not None:
+            for name in run.net.services:
+                console.print(f"--- last log lines of {name} ---\n{run.net.tail(name)}")
+        raise
+    finally:
+        if run.net is not None:
+            run.net.stop_all()

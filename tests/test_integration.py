@@ -1,0 +1,211 @@
+"""The three services as real processes with mutual TLS: registration -> agreement signing ->
+dataset-stats job, and the node's own refusal of anything outside a signed agreement."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from confide import agreements as ag
+from confide import pki
+from confide.errors import AgreementError, AuthenticationError
+from confide.localnet import LocalNet
+from tests.helpers import spec
+
+pytestmark = pytest.mark.slow
+
+MEMBERS = """member_id,phone,email,recency_days,tier,high_value
+m1,13800138000,a@x.cn,3,gold,1
+m2,+86 139 0000 0001,b@x.cn,10,silver,0
+m3,0086-13700000002,,40,silver,0
+"""
+MEMBERS_SCHEMA = """dataset: members
+key: member_id
+identifiers:
+  - {column: phone, type: phone}
+  - {column: email, type: email}
+features:
+  - {column: recency_days, type: int}
+  - {column: tier, type: category}
+labels:
+  - {column: high_value, type: binary}
+"""
+PEOPLE = "partner_id,phone,income_level,intent\n" + "".join(
+    f"p{i},1380013{i:04d},{i % 5},{(i * 37) % 100 / 100}\n" for i in range(25)
+)
+PEOPLE_SCHEMA = """dataset: people
+key: partner_id
+identifiers:
+  - {column: phone, type: phone}
+features:
+  - {column: income_level, type: category}
+  - {column: intent, type: float}
+"""
+
+
+def confide(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "confide", *args], capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"confide {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def wait_job(net: LocalNet, party: str, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    with net.client(party) as c:
+        while True:
+            job = c.get(f"/v1/admin/jobs/{job_id}")
+            if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+                return job
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNet]:
+    work = tmp_path_factory.mktemp("net")
+    with LocalNet(work, [("brand", "brand"), ("partner", "partner")],
+                  coordinator_settings={"poll_interval_s": 0.1}) as n:
+        n.start_all()
+        yield n
+
+
+@pytest.fixture(scope="module")
+def active(net: LocalNet) -> dict:
+    """Registration, data ingest, and an agreement proposed and signed at each node (via the CLI)."""
+    w = net.workdir
+    (w / "members.csv").write_text(MEMBERS)
+    (w / "members.schema.yaml").write_text(MEMBERS_SCHEMA)
+    (w / "people.csv").write_text(PEOPLE)
+    (w / "people.schema.yaml").write_text(PEOPLE_SCHEMA)
+    for party in ("brand", "partner"):
+        out = confide("node", "register", "--config", str(net.config(party)), "--json")
+        assert json.loads(out.stdout)["name"] == party
+    confide("node", "ingest", str(w / "members.csv"), "--schema", str(w / "members.schema.yaml"),
+            "--config", str(net.config("brand")))
+    confide("node", "ingest", str(w / "people.csv"), "--schema", str(w / "people.schema.yaml"),
+            "--config", str(net.config("partner")))
+    agreement = spec("coffee-2026", datasets={"brand": ["members"], "partner": ["people"]})
+    (w / "agreement.yaml").write_text(json.dumps(agreement))
+    proposed = json.loads(confide("node", "agreement", "propose", str(w / "agreement.yaml"),
+                                  "--config", str(net.config("brand")), "--json").stdout)
+    assert proposed["status"] == "proposed"
+    confide("node", "agreement", "sign", "coffee-2026", "--version", "1", "--digest", proposed["digest"],
+            "--config", str(net.config("brand")))
+    listed = json.loads(confide("node", "agreement", "list", "--config", str(net.config("partner")), "--json").stdout)
+    assert listed[0]["digest"] == proposed["digest"] and listed[0]["signed_by_me"] is False
+    signed = json.loads(confide("node", "agreement", "sign", "coffee-2026", "--version", "1",
+                                "--config", str(net.config("partner")), "--json").stdout)
+    assert signed["status"] == "active"
+    return signed
+
+
+def test_dataset_stats_job_end_to_end(net: LocalNet, active: dict) -> None:
+    out = confide("node", "job", "create", "--type", "dataset-stats", "--agreement", "coffee-2026", "--wait",
+                  "--json", "--config", str(net.config("brand")))
+    job = json.loads(out.stdout)
+    assert job["status"] == "succeeded", job
+    assert [s["status"] for s in job["steps"]] == ["succeeded", "succeeded"]
+    brand = job["result"]["parties"]["brand"]["datasets"][0]
+    partner = job["result"]["parties"]["partner"]["datasets"][0]
+    assert (brand["dataset"], brand["rows"]) == ("members", 3)
+    assert (partner["dataset"], partner["rows"]) == ("people", 25)
+    assert {c["column"]: c["role"] for c in brand["columns"]} == {
+        "member_id": "key", "phone": "identifier", "email": "identifier", "recency_days": "feature",
+        "tier": "feature", "high_value": "label"}
+    # Row counts and schema only: no value of either dataset appears anywhere in the result.
+    text = json.dumps(job["result"])
+    for value in ("13800138000", "a@x.cn", "m1", "p3", "gold", "13800130003"):
+        assert value not in text
+    # The partner sees the same job (it is a party) through its own node.
+    with net.client("partner") as c:
+        assert c.get(f"/v1/admin/jobs/{job['id']}")["status"] == "succeeded"
+
+
+def test_client_without_our_ca_certificate_cannot_connect(net: LocalNet, tmp_path: Path) -> None:
+    pki.init(tmp_path / "rogue", [("brand", "brand")])
+    rogue = tmp_path / "rogue" / "brand"
+    ctx = ssl.create_default_context(cafile=str(net.pki_dir / "ca" / "ca.pem"))
+    ctx.load_cert_chain(str(rogue / "cert.pem"), str(rogue / "tls.key"))
+    for name in ("coordinator", "brand"):
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(net.services[name].url + "/health", verify=ctx, timeout=5)
+        no_cert = ssl.create_default_context(cafile=str(net.pki_dir / "ca" / "ca.pem"))
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(net.services[name].url + "/health", verify=no_cert, timeout=5)
+
+
+def test_operator_routes_need_the_nodes_own_identity(net: LocalNet, active: dict) -> None:
+    with net.client("brand", as_party="partner") as c:  # partner's valid cert and key, brand's node
+        with pytest.raises(Exception) as err:
+            c.get("/v1/admin/datasets")
+    assert getattr(err.value, "status_code", None) in (401, 403)
+
+
+def _step(doc: dict, job_id: str = "00000000-0000-0000-0000-000000000001") -> dict:
+    return {"job_id": job_id, "step": "stats@brand", "job_type": "dataset-stats", "requester": "brand",
+            "attempt": 1, "params": {}, "agreement": doc}
+
+
+def test_node_refuses_steps_outside_a_signed_agreement(net: LocalNet, active: dict) -> None:
+    """Even the real coordinator's identity cannot make a node run a step the agreement does not cover."""
+    with net.client("brand", as_party="coordinator") as c:
+        # unsigned by the partner
+        unsigned = dict(active, signatures={"brand": active["signatures"]["brand"]})
+        with pytest.raises(AgreementError, match="not signed by 'partner'"):
+            c.post("/v1/steps", _step(unsigned))
+        # tampered content (k_min lowered after signing)
+        tampered = json.loads(json.dumps(active))
+        tampered["spec"]["k_min"] = 1
+        with pytest.raises(AgreementError, match="never signed|tampered"):
+            c.post("/v1/steps", _step(tampered))
+        # a job type the agreement does not allow
+        with pytest.raises(AgreementError, match="does not allow 'match'"):
+            c.post("/v1/steps", dict(_step(active), job_type="match"))
+        # a requester that is not a party
+        with pytest.raises(AgreementError, match="not a party"):
+            c.post("/v1/steps", dict(_step(active), requester="mallory"))
+    # and a party's identity cannot call coordinator-only routes
+    with net.client("brand", as_party="partner") as c:
+        with pytest.raises(Exception) as err:
+            c.post("/v1/steps", _step(active))
+        assert getattr(err.value, "status_code", None) == 403
+
+
+def test_node_refuses_expired_agreement(net: LocalNet, active: dict) -> None:
+    short = spec("short-lived", datasets={"brand": ["members"], "partner": ["people"]},
+                 expires_in=dt.timedelta(seconds=4))
+    with net.client("brand") as c:
+        doc = c.post("/v1/admin/agreements", short)
+        c.post("/v1/admin/agreements/short-lived/versions/1/sign", {"digest": doc["digest"]})
+    with net.client("partner") as c:
+        doc = c.post("/v1/admin/agreements/short-lived/versions/1/sign", {"digest": doc["digest"]})
+    assert doc["status"] == "active"
+    time.sleep(max(0.0, ag.SignedAgreement.model_validate(doc).spec.expires_at.timestamp() - time.time()) + 0.5)
+    with net.client("brand", as_party="coordinator") as c:
+        with pytest.raises(AgreementError, match="expired"):
+            c.post("/v1/steps", _step(doc))
+    with net.client("brand") as c:
+        with pytest.raises(AgreementError, match="expired"):
+            c.post("/v1/admin/jobs", {"type": "dataset-stats", "agreement_id": "short-lived"})
+
+
+def test_replayed_request_over_mtls_is_refused(net: LocalNet, active: dict) -> None:
+    from confide.auth import sign_request
+    from confide.transport import client_ssl_context
+
+    ident = pki.load_identity(net.pki_dir / "brand")
+    headers = sign_request(ident.signing_key, "brand", "coordinator", "GET", "/v1/agreements", b"")
+    with httpx.Client(base_url=net.services["coordinator"].url, verify=client_ssl_context(ident)) as h:
+        assert h.get("/v1/agreements", headers=headers).status_code == 200
+        r = h.get("/v1/agreements", headers=headers)
+        assert r.status_code == 401 and "replayed" in r.json()["message"]
+    assert "replayed request" in net.tail("coordinator", 200)

@@ -1,0 +1,98 @@
+"""Jobs survive process deaths: a killed node or coordinator resumes the job, or it fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Iterator
+
+import pytest
+
+from confide.localnet import LocalNet
+from tests.helpers import spec
+from tests.test_integration import MEMBERS, MEMBERS_SCHEMA, PEOPLE, PEOPLE_SCHEMA, confide, wait_job
+
+pytestmark = pytest.mark.slow
+DELAY = "2.5"
+
+
+@pytest.fixture
+def net(tmp_path) -> Iterator[LocalNet]:  # type: ignore[no-untyped-def]
+    with LocalNet(tmp_path, [("brand", "brand"), ("partner", "partner")],
+                  coordinator_settings={"poll_interval_s": 0.1, "step_deadline_s": 6.0}) as n:
+        n.start("coordinator")
+        n.start("brand")
+        n.start("partner", extra_env={"CONFIDE_NODE_TEST_STEP_DELAY_S": DELAY})
+        for party, data, schema, name in (("brand", MEMBERS, MEMBERS_SCHEMA, "members"),
+                                          ("partner", PEOPLE, PEOPLE_SCHEMA, "people")):
+            (tmp_path / f"{name}.csv").write_text(data)
+            (tmp_path / f"{name}.schema.yaml").write_text(schema)
+            confide("node", "register", "--config", str(n.config(party)))
+            confide("node", "ingest", str(tmp_path / f"{name}.csv"), "--schema", str(tmp_path / f"{name}.schema.yaml"),
+                    "--config", str(n.config(party)))
+        with n.client("brand") as c:
+            doc = c.post("/v1/admin/agreements", spec(datasets={"brand": ["members"], "partner": ["people"]}))
+            c.post("/v1/admin/agreements/coffee-2026/versions/1/sign", {"digest": doc["digest"]})
+        with n.client("partner") as c:
+            assert c.post("/v1/admin/agreements/coffee-2026/versions/1/sign", {})["status"] == "active"
+        yield n
+
+
+def start_job(net: LocalNet) -> str:
+    with net.client("brand") as c:
+        return c.post("/v1/admin/jobs", {"type": "dataset-stats", "agreement_id": "coffee-2026"})["id"]
+
+
+def wait_dispatched(net: LocalNet, job_id: str, party: str) -> None:
+    deadline = time.monotonic() + 20
+    with net.client("brand") as c:
+        while time.monotonic() < deadline:
+            job = c.get(f"/v1/admin/jobs/{job_id}")
+            if any(s["party"] == party and s["status"] == "dispatched" for s in job["steps"]):
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"step at {party} never dispatched")
+
+
+def test_node_killed_mid_step_resumes(net: LocalNet) -> None:
+    job_id = start_job(net)
+    wait_dispatched(net, job_id, "partner")
+    net.kill("partner")  # SIGKILL while its step sleeps
+    with net.client("brand") as c:
+        assert c.get(f"/v1/admin/jobs/{job_id}")["status"] == "running"
+    net.start("partner")  # back, without the delay
+    job = wait_job(net, "brand", job_id)
+    assert job["status"] == "succeeded", job
+    partner_step = next(s for s in job["steps"] if s["party"] == "partner")
+    assert partner_step["attempt"] == 2
+    assert job["result"]["parties"]["partner"]["datasets"][0]["rows"] == 25
+    with net.client("partner") as c:
+        steps = c.get("/v1/admin/steps")
+    assert [(s["job_id"], s["status"], s["attempt"]) for s in steps] == [(job_id, "succeeded", 2)]
+
+
+def test_coordinator_killed_mid_job_resumes(net: LocalNet) -> None:
+    job_id = start_job(net)
+    wait_dispatched(net, job_id, "partner")
+    net.kill("coordinator")
+    time.sleep(float(DELAY) + 0.5)  # the partner finishes its step while the coordinator is down
+    net.start("coordinator")
+    job = wait_job(net, "brand", job_id)
+    assert job["status"] == "succeeded", job
+    assert all(s["attempt"] == 1 for s in job["steps"])  # nothing ran twice
+
+
+def test_node_gone_for_good_fails_the_job_cleanly(net: LocalNet) -> None:
+    job_id = start_job(net)
+    wait_dispatched(net, job_id, "partner")
+    net.kill("partner")
+    job = wait_job(net, "brand", job_id, timeout=40)
+    assert job["status"] == "failed"
+    assert "partner unreachable" in job["error"]
+    assert job["finished_at"] is not None
+    partner_step = next(s for s in job["steps"] if s["party"] == "partner")
+    assert partner_step["status"] == "failed"
+    # the brand's own step either finished or was stopped: nothing is left "running"
+    assert all(s["status"] in ("succeeded", "failed", "cancelled") for s in job["steps"])
+    out = json.loads(confide("node", "job", "status", job_id, "--json", "--config", str(net.config("brand"))).stdout)
+    assert out["status"] == "failed"
