@@ -1,0 +1,137 @@
+"""From a party's rows to protocol items: consent gate first, then normalisation, then
+de-duplication.
+
+    data = PartyData(subjects=[...row keys...], identifiers={"phone": [...], "email": [...]})
+    prepared = prepare_party(data, gate, purpose="audience.overlap", recipient="partner-a",
+                             at=now, id_types=["phone"])
+    prepared.items["phone"]   # PreparedItems: distinct normalised values and their rows
+    prepared.stats            # counts for the audit record (never identifiers)
+
+The gate sees only the node's own row keys (subject ids), never identifiers. Rows whose subject
+the gate does not allow are dropped before any identifier is even normalised.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from consent.gate import ConsentGate
+from confide.errors import ValidationError
+from psi.normalize import normalize, parse_id_type
+
+
+@dataclass
+class PreparedItems:
+    """Distinct normalised values of one identifier type; `rows[i]` are the input rows (indices
+    into `PartyData.subjects`) carrying `values[i]`."""
+
+    id_type: str
+    values: list[str]
+    rows: list[list[int]]
+
+    @classmethod
+    def from_values(cls, id_type: str, values: Sequence[str | None]) -> "PreparedItems":
+        """Items from already-gated values (`None` = skip), de-duplicated."""
+        index: dict[str, int] = {}
+        vals: list[str] = []
+        rows: list[list[int]] = []
+        for r, v in enumerate(values):
+            if v is None:
+                continue
+            i = index.get(v)
+            if i is None:
+                index[v] = len(vals)
+                vals.append(v)
+                rows.append([r])
+            else:
+                rows[i].append(r)
+        return cls(id_type, vals, rows)
+
+    def without_rows(self, exclude: set[int]) -> "PreparedItems":
+        """The items of the rows not in `exclude` (waterfall: already-matched records)."""
+        vals: list[str] = []
+        rows: list[list[int]] = []
+        for v, rs in zip(self.values, self.rows):
+            keep = [r for r in rs if r not in exclude]
+            if keep:
+                vals.append(v)
+                rows.append(keep)
+        return PreparedItems(self.id_type, vals, rows)
+
+
+@dataclass
+class PartyData:
+    """One party's rows: a subject id (its own row key) per row and identifier columns by type."""
+
+    subjects: list[str]
+    identifiers: dict[str, list[object]]
+
+    def __post_init__(self) -> None:
+        for t, col in self.identifiers.items():
+            if len(col) != len(self.subjects):
+                raise ValidationError(
+                    f"identifier column {t!r} has {len(col)} values for {len(self.subjects)} subjects"
+                )
+
+
+@dataclass
+class Prepared:
+    items: dict[str, PreparedItems]
+    stats: dict[str, object] = field(default_factory=dict)
+
+
+def prepare_party(
+    data: PartyData,
+    gate: ConsentGate,
+    *,
+    purpose: str,
+    recipient: str | None,
+    at: dt.datetime,
+    id_types: Sequence[str],
+    region: str = "CN",
+) -> Prepared:
+    """Gate, normalise and de-duplicate a party's identifiers for a PSI job.
+
+    Returns the items per identifier type and the counts for the audit record: input rows,
+    consent-denied rows by reason, invalid values per type, distinct items per type.
+    Raises ValidationError for an unknown identifier type or a missing column.
+    """
+    types = [parse_id_type(t).value for t in id_types]
+    for t in types:
+        if t not in data.identifiers:
+            raise ValidationError(f"no {t!r} column in the input")
+    decision = gate.allowed(data.subjects, purpose, recipient, at)
+    allowed = set(decision.allowed)
+    keep = [r for r, s in enumerate(data.subjects) if s in allowed]
+    stats: dict[str, object] = {
+        "rows": len(data.subjects),
+        "consented_rows": len(keep),
+        "denied": dict(decision.denied_counts),
+        "invalid": {},
+        "distinct": {},
+    }
+    items: dict[str, PreparedItems] = {}
+    for t in types:
+        col = data.identifiers[t]
+        normed = normalize(t, [col[r] for r in keep], region=region).values
+        full: list[str | None] = [None] * len(data.subjects)
+        for r, v in zip(keep, normed):
+            full[r] = v
+        # Empty cells are "no identifier of this type", not invalid ones.
+        invalid = sum(
+            1 for r, v in zip(keep, normed) if v is None and not _blank(col[r])
+        )
+        items[t] = PreparedItems.from_values(t, full)
+        stats["invalid"][t] = invalid  # type: ignore[index]
+        stats["distinct"][t] = len(items[t].values)  # type: ignore[index]
+    return Prepared(items, stats)
+
+
+def _blank(v: object) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float) and v != v:  # NaN from CSV readers
+        return True
+    return isinstance(v, str) and v.strip() == ""
