@@ -116,11 +116,22 @@ def leaf_bytes(seq: int, kind: str, at: str, payload_json: str) -> bytes:
     it equals ``canonical_json({"seq": seq, "kind": kind, "at": at, "payload": payload})``.
     """
     return (
-        b'{"at":' + json.dumps(at, ensure_ascii=False).encode()
-        + b',"kind":' + json.dumps(kind, ensure_ascii=False).encode()
+        b'{"at":' + _json_str(at)
+        + b',"kind":' + _json_str(kind)
         + b',"payload":' + payload_json.encode()
         + b',"seq":' + str(int(seq)).encode() + b"}"
     )
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.:\-]*")
+
+
+def _json_str(s: str) -> bytes:
+    # Kinds and timestamps never need escaping; anything else (e.g. a tampered row) goes
+    # through the JSON encoder so the bytes stay exactly canonical JSON.
+    if _PLAIN.fullmatch(s):
+        return b'"' + s.encode() + b'"'
+    return json.dumps(s, ensure_ascii=False).encode()
 
 
 def _split(n: int) -> int:
@@ -285,9 +296,21 @@ _DENY_VALUES = (
     re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+"),  # e-mail address
     re.compile(r"\+?(?:86)?[\s-]?1[3-9]\d{9}"),  # mainland China mobile number
     re.compile(r"\+\d{8,15}"),  # E.164 phone number
-    re.compile(r"\d{17}[\dXx]"),  # PRC resident identity card number
 )
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_RE = re.compile(r"\d{6}(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]")
+
+
+def _is_resident_id(s: str) -> bool:
+    """A PRC resident identity number: plausible birth date and a valid ISO 7064 check digit
+    (so an 18-digit job id or timestamp is rarely mistaken for one)."""
+    if len(s) != 18 or not _ID_RE.fullmatch(s):
+        return False
+    check = "10X98765432"[sum(int(c) * w for c, w in zip(s[:17], _ID_WEIGHTS)) % 11]
+    return s[17].upper() == check
 
 
 def _key_words(key: str) -> tuple[str, list[str]]:
@@ -295,33 +318,57 @@ def _key_words(key: str) -> tuple[str, list[str]]:
     return norm, [w for w in norm.split("_") if w]
 
 
+_KEY_VERDICT: dict[str, bool] = {}  # key -> refused? (keys repeat across leaves: memoised)
+
+
+def _key_refused(key: str) -> bool:
+    verdict = _KEY_VERDICT.get(key)
+    if verdict is None:
+        norm, words = _key_words(key)
+        verdict = norm in _DENY_KEYS or bool(_DENY_WORDS.intersection(words))
+        if len(_KEY_VERDICT) < 10000:
+            _KEY_VERDICT[key] = verdict
+    return verdict
+
+
+def _value_refused(s: str) -> bool:
+    s = s.strip()
+    # Cheap pre-filter: every pattern is an e-mail or ends in a digit (or an ID's X).
+    if "@" not in s and not (s[-1:].isdigit() or s[-1:] in ("X", "x")):
+        return False
+    return any(rx.fullmatch(s) for rx in _DENY_VALUES) or _is_resident_id(s)
+
+
 def _check_payload(obj: Any, where: str, depth: int = 0) -> None:
     if depth > 8:
         raise ValidationError(f"audit payload nested too deeply at {where}", field=where)
-    if isinstance(obj, Mapping):
+    t = type(obj)
+    if t is str:
+        if _value_refused(obj):
+            raise ValidationError(
+                f"audit payload value at {where} looks like a raw identifier (e-mail, phone or ID "
+                "number); log a pseudonymous reference or a hash instead",
+                field=where,
+            )
+    elif obj is None or t is int or t is float or t is bool:
+        return
+    elif t is dict or isinstance(obj, Mapping):
         for key, value in obj.items():
-            if not isinstance(key, str):
+            if type(key) is not str:
                 raise ValidationError(f"audit payload key {key!r} at {where} is not a string", field=where)
-            norm, words = _key_words(key)
-            if norm in _DENY_KEYS or _DENY_WORDS.intersection(words):
+            if _key_refused(key):
                 raise ValidationError(
                     f"audit payload key {where}.{key} names a raw identifier; log a pseudonymous "
                     "reference or a hash (payload_digest) instead",
                     field=f"{where}.{key}",
                 )
             _check_payload(value, f"{where}.{key}", depth + 1)
-    elif isinstance(obj, (list, tuple)):
+    elif t is list or t is tuple:
         for i, value in enumerate(obj):
             _check_payload(value, f"{where}[{i}]", depth + 1)
     elif isinstance(obj, str):
-        s = obj.strip()
-        if any(rx.fullmatch(s) for rx in _DENY_VALUES):
-            raise ValidationError(
-                f"audit payload value at {where} looks like a raw identifier (e-mail, phone or ID "
-                "number); log a pseudonymous reference or a hash instead",
-                field=where,
-            )
-    elif obj is None or isinstance(obj, (bool, int, float)):
+        _check_payload(str(obj), where, depth)
+    elif isinstance(obj, (bool, int, float)):
         return
     else:
         raise ValidationError(
@@ -583,7 +630,8 @@ class _TreeReader:
                 i += 1
                 continue
             j = i
-            while j < hi and j not in cached:
+            # Missing runs are filled 64 chunks at a time to bound memory on a cold cache.
+            while j < hi and j not in cached and j - i < 64:
                 j += 1
             hashes = self.leaves(i * CHUNK, j * CHUNK)
             for c in range(i, j):
@@ -804,17 +852,19 @@ class AuditLog:
             path = _consistency_path(old_size, n, _TreeReader(conn, n, persist=True))
         return ConsistencyProof(old_size, n, path)
 
-    def iter_leaves(self, start: int = 0, batch: int = 20000) -> Iterator[tuple[int, str, str, str | None, bytes]]:
-        """Stored rows ``(seq, kind, at, payload_json, leaf_hash)`` in seq order, streamed."""
+    def iter_leaves(self, start: int | None = None, batch: int = 20000) -> Iterator[tuple[int, str, str, str | None, bytes]]:
+        """Stored rows ``(seq, kind, at, payload_json, leaf_hash)`` in seq order from `start`
+        (default: every row, even a stray negative seq), streamed."""
         cols = (_LEAVES.c.seq, _LEAVES.c.kind, _LEAVES.c.at, _LEAVES.c.payload_json, _LEAVES.c.leaf_hash)
         with self.engine.connect() as conn:
             # Keyset pages: bounded memory on both databases, one snapshot per page is enough
             # because the log only grows.
-            after = start - 1
+            after: int | None = None if start is None else start - 1
             while True:
-                rows = conn.execute(
-                    select(*cols).where(_LEAVES.c.seq > after).order_by(_LEAVES.c.seq).limit(batch)
-                ).all()
+                q = select(*cols).order_by(_LEAVES.c.seq).limit(batch)
+                if after is not None:
+                    q = q.where(_LEAVES.c.seq > after)
+                rows = conn.execute(q).all()
                 if not rows:
                     return
                 for r in rows:
@@ -1007,8 +1057,12 @@ def verify_log(
     checked = 0
     for seq, kind, at, pj, stored in log.iter_leaves():
         if seq != expected:
-            problems.append(Problem("missing_entry", f"entry {expected} is missing (next stored entry is {seq})",
-                                    seq=expected))
+            if seq < expected:
+                problems.append(Problem("unexpected_entry", f"a stray entry with seq {seq} precedes entry "
+                                        f"{expected}", seq=expected))
+            else:
+                problems.append(Problem("missing_entry", f"entry {expected} is missing (next stored entry "
+                                        f"is {seq})", seq=expected))
             break
         if pj is None:
             if at >= cutoff:

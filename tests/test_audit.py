@@ -200,7 +200,8 @@ def test_raw_identifiers_and_non_json_are_refused(payload: dict) -> None:  # typ
 
 def test_pseudonymous_payloads_pass() -> None:
     ok = {"job_id": "j-1", "subject_ref": "psn:9f2c", "counts": {"allowed": 3, "withdrawn": 1},
-          "digest": audit.payload_digest({"x": 1}), "job_name": "overlap", "reason": "expired"}
+          "digest": audit.payload_digest({"x": 1}), "job_name": "overlap", "reason": "expired",
+          "batch": "202611270712080001", "hotel_id": "h-1"}
     assert json.loads(audit.payload_json(ok)) == ok
     with pytest.raises(ValidationError):
         audit.payload_json(["not", "a", "dict"])  # type: ignore[arg-type]
@@ -415,6 +416,12 @@ def test_swapped_rows_name_the_first_of_the_two(engine: Engine, brand: pki.Ident
     report = verify_log(log, heads, brand.public_key)
     assert report.first_bad_seq == 5
     assert {p.seq for p in report.problems if p.kind == "leaf_changed"} == {5, 12}
+
+
+def test_stray_row_before_the_log_is_detected(engine: Engine, brand: pki.Identity) -> None:
+    log, heads = tampered(engine, brand, ["UPDATE audit_leaves SET seq = -1 WHERE seq = 0"])
+    report = verify_log(log, heads, brand.public_key)
+    assert report.first_bad_seq == 0 and report.first_problem.kind == "unexpected_entry"  # type: ignore[union-attr]
 
 
 def test_truncated_tail_is_detected(engine: Engine, brand: pki.Identity) -> None:

@@ -1,0 +1,164 @@
+"""Benchmark of the Merkle audit log (`consent.audit`) on SQLite and PostgreSQL.
+
+    python bench/audit_bench.py [--append-n 20000] [--verify-n 1000000] [--no-pg]
+
+Measures single `append` rate (each call its own committed transaction), `append_many` rate,
+`verify_log` time for a large log against signed heads, root and proof times, and proof
+sizes at 10^3 and 10^6 entries. Prints a JSON document; paste the numbers into
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.engine import Engine  # noqa: E402
+
+from confide.db import make_engine  # noqa: E402
+from consent.audit import AuditLog, verify_log  # noqa: E402
+from consent.audit_storage import AuditBase  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get("CONFIDE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+class BenchSigner:
+    """Test-only stand-in for `confide.pki.Identity`: a fresh Ed25519 key with a name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.signing_key = ed25519.Ed25519PrivateKey.generate()
+        self.public_key = self.signing_key.public_key()
+
+    def sign(self, data: bytes) -> bytes:
+        return self.signing_key.sign(data)
+
+
+@contextmanager
+def database(kind: str) -> Iterator[Engine]:
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory() as d:
+            eng = make_engine(f"sqlite:///{d}/audit.db")
+            AuditBase.metadata.create_all(eng)
+            try:
+                yield eng
+            finally:
+                eng.dispose()
+        return
+    name = f"confide_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    eng = make_engine(PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name)
+    try:
+        AuditBase.metadata.create_all(eng)
+        yield eng
+    finally:
+        eng.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def payload(i: int) -> dict[str, Any]:
+    # A realistic gate decision: pseudonymous job ref, counts per reason, a content digest.
+    return {"job_id": f"job-{i // 100}", "step": "gate", "purpose": "audience.overlap",
+            "allowed": 9000 + i % 1000, "denied": {"no_consent": 120, "withdrawn": 3},
+            "digest": "sha256:" + f"{i:064x}"}
+
+
+def bench_append(kind: str, n: int) -> dict[str, Any]:
+    with database(kind) as eng:
+        log = AuditLog(eng, None, "bench")
+        log.append("bench.warmup", {"i": -1})
+        t = time.perf_counter()
+        for i in range(n):
+            log.append("gate.decision", payload(i))
+        single = n / (time.perf_counter() - t)
+        m = 10 * n
+        t = time.perf_counter()
+        log.append_many(("consent.import", payload(i)) for i in range(m))
+        many = m / (time.perf_counter() - t)
+        assert log.size() == n + m + 1
+    return {"append_per_s": round(single), "append_n": n, "append_many_per_s": round(many), "append_many_n": m}
+
+
+def bench_big(kind: str, n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": n}
+    signer = BenchSigner("bench")
+    with database(kind) as eng:
+        log = AuditLog(eng, signer, "bench")  # type: ignore[arg-type]
+        heads = []
+        t = time.perf_counter()
+        checkpoints = sorted({1000, n // 4, n // 2, n})
+        done = 0
+        for cp in checkpoints:
+            log.append_many((("consent.import", payload(i)) for i in range(done, cp)), batch_size=10000)
+            done = cp
+            heads.append(log.sign_head())
+        out["build_s"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        report = verify_log(log, heads, signer.public_key)
+        out["verify_s"] = round(time.perf_counter() - t, 2)
+        out["verify_ok"] = report.ok
+        out["heads"] = len(heads)
+        t = time.perf_counter()
+        root = log.root()
+        out["root_warm_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        for size in (1000, n):
+            t = time.perf_counter()
+            p = log.inclusion_proof(size // 3, size)
+            inc_ms = (time.perf_counter() - t) * 1000
+            assert p.verify(log.root(size))
+            t = time.perf_counter()
+            c = log.consistency_proof(size // 3 + 1, size)
+            con_ms = (time.perf_counter() - t) * 1000
+            assert c.verify(log.root(size // 3 + 1), log.root(size))
+            out[f"proofs_at_{size}"] = {
+                "inclusion_hashes": len(p.path), "inclusion_bytes": 32 * len(p.path),
+                "inclusion_ms": round(inc_ms, 1),
+                "consistency_hashes": len(c.path), "consistency_bytes": 32 * len(c.path),
+                "consistency_ms": round(con_ms, 1),
+            }
+        assert root == bytes.fromhex(heads[-1].root)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--append-n", type=int, default=20000)
+    ap.add_argument("--verify-n", type=int, default=1_000_000)
+    ap.add_argument("--no-pg", action="store_true")
+    ap.add_argument("--big-on", default="sqlite,postgresql", help="databases for the large-log run")
+    args = ap.parse_args()
+    kinds = ["sqlite"] + ([] if args.no_pg else ["postgresql"])
+    result: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+    }
+    for kind in kinds:
+        result[kind] = bench_append(kind, args.append_n)
+        print(kind, result[kind], file=sys.stderr, flush=True)
+    for kind in args.big_on.split(","):
+        if kind in kinds:
+            result[kind]["big"] = bench_big(kind, args.verify_n)
+            print(kind, result[kind]["big"], file=sys.stderr, flush=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
