@@ -37,7 +37,7 @@ import enum
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -169,8 +169,8 @@ class _Role:
         self._seq += 1
         return d
 
-    def _chunks(self, stream: Stream, data: bytes, width: int) -> list[Points]:
-        step = self.chunk_rows * width
+    def _chunks(self, stream: Stream, data: bytes, width: int, rows: int | None = None) -> list[Points]:
+        step = min(rows or self.chunk_rows, self.chunk_rows) * width
         out: list[Points] = []
         n = len(data)
         if n == 0:
@@ -240,12 +240,12 @@ class _Role:
                 f"{msg.stream.value!r} ends after {expected + rows} rows, {total} were announced"
             )
 
-    def _accept_chunk(self, msg: Points) -> None:
+    def _accept_chunk(self, msg: Points, width: int | None = None) -> None:
+        if width is None:
+            single = msg.stream in (Stream.req_single, Stream.resp_single)
+            width = crypto.POINT_BYTES if single else crypto.TAG_BYTES
         self._peer_seq += 1
-        width = len(msg.data)
-        self._offsets[msg.stream] = msg.offset + (
-            width // (crypto.POINT_BYTES if msg.stream in (Stream.req_single, Stream.resp_single) else crypto.TAG_BYTES)
-        )
+        self._offsets[msg.stream] = msg.offset + len(msg.data) // width
         if msg.final:
             self._finished.add(msg.stream)
 
@@ -510,7 +510,3 @@ class Responder(_Role):
         )
         self._their_view = []
         self._req_tags_parts = []
-
-
-def _unused(_: Sequence[object]) -> None:  # pragma: no cover
-    pass

@@ -1,0 +1,73 @@
+"""The one module that touches `phe`/`gmpy2` Paillier for PSI profiles (private: use psi.profile).
+
+Only the key holder (the responder, who owns the values) encrypts, so it encrypts with its
+factorisation: the obfuscator r^n mod n² is computed mod p² and mod q² and recombined (CRT),
+about 3-4x faster than phe's public-key encryption. The requester only multiplies ciphertexts
+(adds plaintexts) and adds its mask with the public key.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import gmpy2
+from phe import paillier
+
+
+@dataclass(frozen=True)
+class CrtEncryptor:
+    """Picklable encryption parameters of the key holder (sent to its own executor workers)."""
+
+    n: int
+    p: int
+    q: int
+
+    def encrypt_many(self, plaintexts: list[int]) -> list[int]:
+        n, p, q = gmpy2.mpz(self.n), gmpy2.mpz(self.p), gmpy2.mpz(self.q)
+        n2 = n * n
+        p2, q2 = p * p, q * q
+        ep, eq = n % (p * (p - 1)), n % (q * (q - 1))
+        q2_inv = gmpy2.invert(q2, p2)
+        out = []
+        for m in plaintexts:
+            r = gmpy2.mpz(secrets.randbelow(self.n - 1) + 1)
+            xp = gmpy2.powmod(r, ep, p2)
+            xq = gmpy2.powmod(r, eq, q2)
+            obf = xq + q2 * ((xp - xq) * q2_inv % p2)  # r^n mod n² by CRT
+            out.append(int((1 + m * n) % n2 * obf % n2))
+        return out
+
+
+def generate(bits: int = 2048) -> paillier.PaillierPrivateKey:
+    _, priv = paillier.generate_paillier_keypair(n_length=bits)
+    return priv
+
+
+def encryptor(priv: paillier.PaillierPrivateKey) -> CrtEncryptor:
+    return CrtEncryptor(priv.public_key.n, priv.p, priv.q)
+
+
+def add_all(n: int, ciphertexts: list[int]) -> int:
+    """Ciphertext of the sum of the plaintexts (1 = encryption of 0 without randomness)."""
+    n2 = gmpy2.mpz(n) * n
+    acc = gmpy2.mpz(1)
+    for c in ciphertexts:
+        acc = acc * c % n2
+    return int(acc)
+
+
+def mask(n: int, c: int) -> tuple[int, int]:
+    """(ciphertext of plaintext + r, r) with r uniform mod n and fresh encryption randomness,
+    so the result is unlinkable to the ciphertexts summed into `c`."""
+    pub = paillier.PaillierPublicKey(n)
+    r = secrets.randbelow(n)
+    return int(gmpy2.mpz(c) * pub.raw_encrypt(r) % (gmpy2.mpz(n) * n)), r
+
+
+def decrypt(priv: paillier.PaillierPrivateKey, c: int) -> int:
+    return int(priv.raw_decrypt(c))
+
+
+def cipher_bytes(n: int) -> int:
+    return (2 * n.bit_length() + 7) // 8
