@@ -73,6 +73,7 @@ def _register_subcommands() -> None:
 
     app.add_typer(coordinator_app, name="coordinator")
     app.add_typer(node_app, name="node")
+    from psi.cli import app as psi_app; app.add_typer(psi_app, name="psi")  # noqa: E702
     from consent.audit_cli import app as audit_app; app.add_typer(audit_app, name="audit")  # noqa: E702
 
 
