@@ -25,8 +25,10 @@ Commit policy
     WAL + ``synchronous=NORMAL``, a commit survives a process crash, not necessarily a power
     cut). ``append(..., session=s)`` writes inside the caller's transaction, so a job's rows
     and their audit leaf commit or roll back together; the leaf is durable when the caller
-    commits. Sequence numbers are taken inside the transaction (a PostgreSQL transaction-level
-    advisory lock serialises appenders until commit), so a rolled-back append leaves no gap.
+    commits. Sequence numbers are taken inside the transaction, after taking a lock that
+    serialises appenders until commit (PostgreSQL: a transaction-level advisory lock; SQLite:
+    its database write lock), so a rolled-back append leaves no gap and concurrent appenders
+    never collide. Keep transactions that append short: they hold that lock until commit.
 
 Retention
     `AuditSettings.retention_days` (default 1096 days = 3 years, the minimum allowed). Pruning
@@ -657,6 +659,11 @@ class _TreeReader:
         return f.root()
 
 
+def _is_lock_error(exc: OperationalError) -> bool:
+    msg = str(exc.orig).lower()
+    return "locked" in msg or "busy" in msg
+
+
 def _insert_ignore(conn: Connection, rows: list[dict[str, Any]]) -> None:
     name = conn.dialect.name
     if name == "postgresql":
@@ -768,8 +775,11 @@ class AuditLog:
                     return seqs
                 except (IntegrityError, OperationalError) as exc:
                     # Another writer appended (duplicate seq) or held SQLite's write lock:
-                    # re-read the next seq inside the transaction and try again.
+                    # re-read the next seq inside the transaction and try again. Any other
+                    # operational error (e.g. missing tables) is not transient.
                     self._next = None
+                    if isinstance(exc, OperationalError) and not _is_lock_error(exc):
+                        raise
                     if attempt == 7:
                         raise Conflict(f"could not append to the audit log: {exc.orig}") from exc
                     time.sleep(0.005 * (attempt + 1))
@@ -783,6 +793,10 @@ class AuditLog:
         if first is None or not self._is_sqlite:
             if self._is_pg:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+            elif self._is_sqlite:
+                # Take SQLite's write lock before reading max(seq): the driver only opens the
+                # transaction at the first write, so a plain read could be stale by the insert.
+                conn.exec_driver_sql("UPDATE audit_leaves SET seq = seq WHERE 0")
             first = self._size(conn)
         rows = [
             (first + i, kind, at, pj, leaf_hash(leaf_bytes(first + i, kind, at, pj)))

@@ -547,3 +547,42 @@ def test_cli_through_the_main_entry_point(tmp_path: Path) -> None:
         main(["audit", "verify", "--database-url", url, "--heads", str(heads), "--public-key", "00" * 32,
               "--log", "brand"])
     assert exit_.value.code == ConfigurationError.exit_code  # no audit tables in that database
+
+
+def test_missing_tables_fail_fast_with_the_database_error(tmp_path: Path) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    eng = make_engine(f"sqlite:///{tmp_path / 'bare.db'}")
+    with pytest.raises(OperationalError):
+        AuditLog(eng, None, "brand").append("x.y", {"i": 1})
+    eng.dispose()
+
+
+def test_concurrent_writers_get_contiguous_seqs(db_url: str) -> None:
+    import threading
+
+    engines = [make_engine(db_url) for _ in range(3)]
+    AuditBase.metadata.create_all(engines[0])
+    logs = [AuditLog(e, None, "brand") for e in engines]
+    seqs: list[int] = []
+    lock = threading.Lock()
+
+    def writer(log: AuditLog, k: int) -> None:
+        for i in range(20):
+            if i % 5 == 4:  # some appends ride in a caller's transaction
+                with session_scope(session_factory(log.engine)) as s:
+                    got = log.append("job.step", {"w": k, "i": i}, session=s)
+            else:
+                got = log.append("job.step", {"w": k, "i": i})
+            with lock:
+                seqs.append(got)
+
+    threads = [threading.Thread(target=writer, args=(log, k)) for k, log in enumerate(logs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seqs) == list(range(60))
+    assert verify_log(logs[0], [], "00" * 32).ok
+    for e in engines:
+        e.dispose()
