@@ -14,6 +14,11 @@ from psi.normalize import parse_id_type
 app = typer.Typer(no_args_is_help=True, help="Private set intersection.")
 
 
+@app.callback()
+def _group() -> None:
+    """Private set intersection: overlap, matching and profiles without sharing identifiers."""
+
+
 @app.command("local")
 def local(
     left: Path = typer.Option(..., "--left", help="CSV of the requesting party (learns the result)"),
