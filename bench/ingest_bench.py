@@ -36,7 +36,9 @@ from party_node.datasets import DatasetSchema, ingest, parse_schema
 from party_node.storage.base import NodeBase
 
 SECTION = "## Ingest (`confide node ingest`)"
-PG_ADMIN_URL = os.environ.get("CONFIDE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "CONFIDE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 
 SCHEMA = {
     "dataset": "brand_members",
@@ -65,7 +67,9 @@ SCHEMA = {
 }
 
 _ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
-_MOBILE_PREFIXES = np.array(["134", "135", "136", "138", "139", "150", "151", "158", "159", "182", "186", "188", "199"])
+_MOBILE_PREFIXES = np.array(
+    ["134", "135", "136", "138", "139", "150", "151", "158", "159", "182", "186", "188", "199"]
+)
 _MAIL_DOMAINS = np.array(["qq.com", "163.com", "126.com", "gmail.com", "outlook.com", "sina.com"])
 
 
@@ -88,7 +92,8 @@ def make_members_csv(path: Path, rows: int, seed: int = 7) -> None:
         np.char.zfill(rng.integers(0, 10**8, n).astype(str), 8),
     )
     email = np.char.add(
-        np.char.add(_random_strings(rng, n, 8), "@"), _MAIL_DOMAINS[rng.integers(0, len(_MAIL_DOMAINS), n)]
+        np.char.add(_random_strings(rng, n, 8), "@"),
+        _MAIL_DOMAINS[rng.integers(0, len(_MAIL_DOMAINS), n)],
     )
     openid = np.char.add("o", _random_strings(rng, n, 27))
     recency = rng.integers(0, 730, n)
@@ -96,7 +101,9 @@ def make_members_csv(path: Path, rows: int, seed: int = 7) -> None:
     aov = np.round(rng.lognormal(5.0, 0.6, n), 2)
     monetary = np.round(aov * frequency, 2)
     age = rng.integers(18, 75, n)
-    signup = (np.datetime64("2015-01-01") + rng.integers(0, 3650, n).astype("timedelta64[D]")).astype("datetime64[D]")
+    signup = (
+        np.datetime64("2015-01-01") + rng.integers(0, 3650, n).astype("timedelta64[D]")
+    ).astype("datetime64[D]")
     logit = -2.0 - recency / 365 + 0.3 * frequency
     converted = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
     ltv = np.round(converted * rng.lognormal(6.0, 0.8, n), 2)
@@ -113,12 +120,16 @@ def make_members_csv(path: Path, rows: int, seed: int = 7) -> None:
             "age": _with_missing(rng, age, 0.12),
             "gender": np.array(["F", "M", "U"])[rng.choice(3, n, p=[0.55, 0.40, 0.05])],
             "city_tier": np.array(["1", "2", "3", "4", "5"])[rng.integers(0, 5, n)],
-            "channel": np.array(["mini_program", "app", "store", "call_centre"])[rng.integers(0, 4, n)],
+            "channel": np.array(["mini_program", "app", "store", "call_centre"])[
+                rng.integers(0, 4, n)
+            ],
             "is_vip": rng.random(n) < 0.08,
             "signup_date": pa.array(signup, type=pa.date32()),
             "converted": converted,
             "ltv_180d": ltv,
-            "crm_note": np.array(["", "called", "do not call"])[rng.integers(0, 3, n)],  # undeclared
+            "crm_note": np.array(["", "called", "do not call"])[
+                rng.integers(0, 3, n)
+            ],  # undeclared
         }
     )
     pcsv.write_csv(table, path, pcsv.WriteOptions(quoting_style="none"))
@@ -132,7 +143,9 @@ def _time_ingest(url: str, data: Path, schema: DatasetSchema) -> tuple[float, in
         report = ingest(engine, data, schema)
         seconds = time.perf_counter() - t0
         with engine.connect() as conn:
-            count = conn.execute(text(f'SELECT count(*) FROM "ds_{schema.dataset}_v1"')).scalar_one()
+            count = conn.execute(
+                text(f'SELECT count(*) FROM "ds_{schema.dataset}_v1"')
+            ).scalar_one()
         assert count == report.rows, (count, report.rows)
         return seconds, report.rows
     finally:
@@ -172,7 +185,9 @@ def _write_results(path: Path, body: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-results", action="store_true", help="do not touch bench/RESULTS.md")
@@ -189,11 +204,14 @@ def main() -> None:
         t0 = time.perf_counter()
         # In a child process, so that this process's peak RSS is that of ingest alone.
         subprocess.run(
-            [sys.executable, __file__, "--rows", str(args.rows), "--generate-only", str(data)], check=True
+            [sys.executable, __file__, "--rows", str(args.rows), "--generate-only", str(data)],
+            check=True,
         )
         mb = data.stat().st_size / 1e6
-        print(f"generated {args.rows:,} rows x {len(schema.columns())} declared columns "
-              f"(+1 undeclared), {mb:.0f} MB CSV in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"generated {args.rows:,} rows x {len(schema.columns())} declared columns "
+            f"(+1 undeclared), {mb:.0f} MB CSV in {time.perf_counter() - t0:.1f} s"
+        )
 
         results: list[tuple[str, float, int]] = []
         seconds, rows = _time_ingest(f"sqlite:///{Path(tmp) / 'node.db'}", data, schema)
@@ -209,6 +227,7 @@ def main() -> None:
     if args.no_results:
         return
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()[0]
     table = "\n".join(f"| {db} | {rows:,} | {s:.1f} | {rows / s:,.0f} |" for db, s, rows in results)
     body = f"""{SECTION}
 
@@ -217,7 +236,7 @@ declared columns: key, 3 identifiers, 10 features, 2 labels; 1 undeclared column
 validated and loaded in one transaction with the default 200,000-row chunks. Time includes
 hashing the file, validation, the key index and the catalog row. Peak RSS of the ingesting
 process (both runs, file generated in a child process): {peak_mb:.0f} MB.
-Machine: {os.cpu_count()} cores (shared with other work), {platform.machine()}, Python
+Machine: {os.cpu_count()} cores (shared with other work; 1-min load average {load:.1f} at the end), {platform.machine()}, Python
 {platform.python_version()}; run {now}.
 
 | database | rows | seconds | rows/s |

@@ -19,7 +19,9 @@ from confide.errors import ConfigurationError
 NODE_DB_FILE = "node.db"
 
 
-def resolve_database_url(config: Path | None, data_dir: Path | None, database_url: str | None) -> str:
+def resolve_database_url(
+    config: Path | None, data_dir: Path | None, database_url: str | None
+) -> str:
     """The node database URL: --database-url, else the node config (+ --data-dir), else
     `sqlite:///<data-dir>/node.db`. Raises ConfigurationError if none is given."""
     if database_url:
@@ -59,9 +61,15 @@ def ingest_command(
     data: Path = typer.Argument(..., help="CSV (.csv/.tsv) or Parquet (.parquet) file to load"),
     schema: Path = typer.Option(..., "--schema", help="Dataset schema file (YAML or JSON)"),
     config: Path | None = typer.Option(None, "--config", help="node config YAML"),
-    data_dir: Path | None = typer.Option(None, "--data-dir", help="Node data directory (holds node.db)"),
-    database_url: str | None = typer.Option(None, "--database-url", help="SQLAlchemy URL of the node database"),
-    replace: bool = typer.Option(False, "--replace", help="Replace an existing dataset with a new version"),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Node data directory (holds node.db)"
+    ),
+    database_url: str | None = typer.Option(
+        None, "--database-url", help="SQLAlchemy URL of the node database"
+    ),
+    replace: bool = typer.Option(
+        False, "--replace", help="Replace an existing dataset with a new version"
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON"),
 ) -> None:
     """Load a CSV or Parquet file into this node's database under a declared schema.
@@ -99,7 +107,9 @@ def ingest_command(
         typer.echo(report.model_dump_json(indent=2))
         return
     out = Console()
-    what = f"replaced version {report.replaced_version}" if report.replaced_version else "new dataset"
+    what = (
+        f"replaced version {report.replaced_version}" if report.replaced_version else "new dataset"
+    )
     out.print(
         f"ingested [bold]{report.dataset}[/bold] version {report.version} ({what}): "
         f"{report.rows:,} rows in {report.seconds:.1f} s ({report.rows_per_second:,.0f} rows/s)"

@@ -117,20 +117,46 @@ def _variant(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("raw", "field", "words"),
     [
-        (_variant(features=[{"column": "age", "type": "integer"}]), "features[0] (column 'age').type", "'int'"),
-        (_variant(identifiers=[{"column": "phone", "type": "mobile"}]), "identifiers[0] (column 'phone').type", "phone"),
-        (_variant(labels=[{"column": "converted", "type": "multiclass"}]), "labels[0] (column 'converted').type", "binary"),
+        (
+            _variant(features=[{"column": "age", "type": "integer"}]),
+            "features[0] (column 'age').type",
+            "'int'",
+        ),
+        (
+            _variant(identifiers=[{"column": "phone", "type": "mobile"}]),
+            "identifiers[0] (column 'phone').type",
+            "phone",
+        ),
+        (
+            _variant(labels=[{"column": "converted", "type": "multiclass"}]),
+            "labels[0] (column 'converted').type",
+            "binary",
+        ),
         (_variant(labels=[{"column": "phone", "type": "binary"}]), "", "'phone' is declared twice"),
         (_variant(features=[{"column": "Member_ID", "type": "int"}]), "", "declared twice"),
         (_variant(dataset="Brand-Members"), "dataset", "pattern"),
         (_variant(dataset="x" * 41), "dataset", "pattern"),
-        (_variant(features=[{"column": "recency days", "type": "int"}]), "features[0] (column 'recency days').column", "not allowed"),
-        (_variant(features=[{"column": "1st", "type": "int"}]), "features[0] (column '1st').column", "not allowed"),
+        (
+            _variant(features=[{"column": "recency days", "type": "int"}]),
+            "features[0] (column 'recency days').column",
+            "not allowed",
+        ),
+        (
+            _variant(features=[{"column": "1st", "type": "int"}]),
+            "features[0] (column '1st').column",
+            "not allowed",
+        ),
         (_variant(feature=[]), "feature", "Extra inputs"),
-        (_variant(features=[{"column": "age", "type": "int", "unit": "y"}]), "features[0] (column 'age').unit", "Extra"),
+        (
+            _variant(features=[{"column": "age", "type": "int", "unit": "y"}]),
+            "features[0] (column 'age').unit",
+            "Extra",
+        ),
     ],
 )
-def test_bad_schema_names_file_and_field(tmp_path: Path, raw: dict[str, Any], field: str, words: str) -> None:
+def test_bad_schema_names_file_and_field(
+    tmp_path: Path, raw: dict[str, Any], field: str, words: str
+) -> None:
     path = tmp_path / "bad_schema.yaml"
     path.write_text(yaml.safe_dump(raw, allow_unicode=True))
 
@@ -154,7 +180,9 @@ def test_schema_file_missing_or_not_a_mapping(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- round trip
 
 
-def test_csv_round_trip_values_and_types(engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_csv_round_trip_values_and_types(
+    engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     data = write_csv(tmp_path / "members.csv", GOOD_ROWS)
 
     report = ingest(engine, data, schema, chunk_rows=2)
@@ -182,7 +210,9 @@ def test_csv_round_trip_values_and_types(engine: Engine, schema: DatasetSchema, 
     assert df["ltv"][0] == 120.25 and np.isnan(df["ltv"][3])
 
 
-def test_undeclared_columns_never_enter_the_database(engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_undeclared_columns_never_enter_the_database(
+    engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     data = write_csv(tmp_path / "members.csv", GOOD_ROWS)
 
     report = ingest(engine, data, schema)
@@ -195,7 +225,9 @@ def test_undeclared_columns_never_enter_the_database(engine: Engine, schema: Dat
     assert stored == {c for c, _, _ in schema.columns()}
 
 
-def test_parquet_input_with_native_types(engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_parquet_input_with_native_types(
+    engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     table = pa.table(
         {
             "member_id": pa.array([101, 102, 103], pa.int64()),  # numeric key -> stored as text
@@ -230,7 +262,9 @@ def test_parquet_input_with_native_types(engine: Engine, schema: DatasetSchema, 
     assert df["ltv"][1] == 2.0
 
 
-def test_load_frame_selected_columns_and_not_found(sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_load_frame_selected_columns_and_not_found(
+    sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     ingest(sqlite_engine, write_csv(tmp_path / "m.csv", GOOD_ROWS), schema)
 
     df = load_frame(sqlite_engine, "brand_members", columns=["phone", "member_id"])
@@ -250,22 +284,58 @@ def test_load_frame_selected_columns_and_not_found(sqlite_engine: Engine, schema
 @pytest.mark.parametrize(
     ("rows", "row", "column", "words"),
     [
-        (["M1,1,a,1,1.0,true,g,c,2024-01-01,1,1", ",2,b,2,2.0,true,g,c,2024-01-01,0,1"], 2, "member_id", "key is empty"),
-        (["M1,1,a,1,1.0,true,g,c,2024-01-01,1,1", "M1,2,b,2,2.0,true,g,c,2024-01-01,0,1"], 2, "member_id", "duplicate key (same as row 1)"),
-        (["M1,1,a,1,1.0,true,g,c,2024-01-01,1,1", "M2,2,b,two,2.0,true,g,c,2024-01-01,0,1"], 2, "recency_days", "not a number (got 'two')"),
-        (["M1,1,a,1.5,1.0,true,g,c,2024-01-01,1,1"], 1, "recency_days", "not an integer (got '1.5')"),
-        (["M1,1,a,1,1.0,true,g,c,2024-01-01,1,1", "M2,2,b,2,1.0.0,true,g,c,2024-01-01,0,1"], 2, "spend", "not a number"),
+        (
+            ["M1,1,a,1,1.0,true,g,c,2024-01-01,1,1", ",2,b,2,2.0,true,g,c,2024-01-01,0,1"],
+            2,
+            "member_id",
+            "key is empty",
+        ),
+        (
+            ["M1,1,a,1,1.0,true,g,c,2024-01-01,1,1", "M1,2,b,2,2.0,true,g,c,2024-01-01,0,1"],
+            2,
+            "member_id",
+            "duplicate key (same as row 1)",
+        ),
+        (
+            ["M1,1,a,1,1.0,true,g,c,2024-01-01,1,1", "M2,2,b,two,2.0,true,g,c,2024-01-01,0,1"],
+            2,
+            "recency_days",
+            "not a number (got 'two')",
+        ),
+        (
+            ["M1,1,a,1.5,1.0,true,g,c,2024-01-01,1,1"],
+            1,
+            "recency_days",
+            "not an integer (got '1.5')",
+        ),
+        (
+            ["M1,1,a,1,1.0,true,g,c,2024-01-01,1,1", "M2,2,b,2,1.0.0,true,g,c,2024-01-01,0,1"],
+            2,
+            "spend",
+            "not a number",
+        ),
         (["M1,1,a,1,inf,true,g,c,2024-01-01,1,1"], 1, "spend", "not a finite number"),
         (["M1,1,a,1,1.0,true,g,c,2024-01-01,2,1"], 1, "converted", "must be 0 or 1 (got '2')"),
         (["M1,1,a,1,1.0,true,g,c,2024-01-01,yes,1"], 1, "converted", "not a number"),
         (["M1,1,a,1,1.0,true,g,c,2024-02-30,1,1"], 1, "signup", "not a date"),
         (["M1,1,a,1,1.0,true,g,c,05/01/2024,1,1"], 1, "signup", "not a date"),
         (["M1,1,a,1,1.0,maybe,g,c,2024-01-01,1,1"], 1, "vip", "not a boolean"),
-        (["M1,1,a,1,1.0,true,g,c,2024-01-01,1,1", "M2,2,b,2,1.0,true,g,c,2024-01-01,0,abc"], 2, "ltv", "not a number"),
+        (
+            ["M1,1,a,1,1.0,true,g,c,2024-01-01,1,1", "M2,2,b,2,1.0,true,g,c,2024-01-01,0,abc"],
+            2,
+            "ltv",
+            "not a number",
+        ),
     ],
 )
 def test_bad_value_names_file_row_and_column(
-    sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path, rows: list[str], row: int, column: str, words: str
+    sqlite_engine: Engine,
+    schema: DatasetSchema,
+    tmp_path: Path,
+    rows: list[str],
+    row: int,
+    column: str,
+    words: str,
 ) -> None:
     data = write_csv(tmp_path / "bad.csv", rows, header=HEADER.rsplit(",", 1)[0])
 
@@ -275,14 +345,21 @@ def test_bad_value_names_file_row_and_column(
     msg = err.value.message
     assert msg.startswith(f"{data}: row {row} (line {row + 1}), column '{column}': ")
     assert words in msg
-    assert (err.value.details["row"], err.value.details["line"], err.value.details["column"]) == (row, row + 1, column)
+    assert (err.value.details["row"], err.value.details["line"], err.value.details["column"]) == (
+        row,
+        row + 1,
+        column,
+    )
     assert content_tables(sqlite_engine) == [] and catalog_names(sqlite_engine) == []
 
 
 def test_key_and_identifier_values_are_not_echoed_in_errors(
     sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path
 ) -> None:
-    rows = ["SECRETKEY,1,a,1,1.0,true,g,c,2024-01-01,1,1", "SECRETKEY,2,b,2,2.0,true,g,c,2024-01-01,0,1"]
+    rows = [
+        "SECRETKEY,1,a,1,1.0,true,g,c,2024-01-01,1,1",
+        "SECRETKEY,2,b,2,2.0,true,g,c,2024-01-01,0,1",
+    ]
     data = write_csv(tmp_path / "bad.csv", rows, header=HEADER.rsplit(",", 1)[0])
 
     with pytest.raises(ValidationError) as err:
@@ -292,41 +369,68 @@ def test_key_and_identifier_values_are_not_echoed_in_errors(
     assert "SECRETKEY" not in err.value.message
 
 
-def test_missing_declared_columns_are_all_named(sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_missing_declared_columns_are_all_named(
+    sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     data = write_csv(tmp_path / "m.csv", ["M1,1,a"], header="member_id,phone,email")
 
     with pytest.raises(ValidationError) as err:
         ingest(sqlite_engine, data, schema)
 
-    assert err.value.message.startswith(f"{data}: line 1 (header): declared column(s) 'recency_days'")
-    assert err.value.details["missing"] == ["recency_days", "spend", "vip", "tier", "city", "signup", "converted", "ltv"]
+    assert err.value.message.startswith(
+        f"{data}: line 1 (header): declared column(s) 'recency_days'"
+    )
+    assert err.value.details["missing"] == [
+        "recency_days",
+        "spend",
+        "vip",
+        "tier",
+        "city",
+        "signup",
+        "converted",
+        "ltv",
+    ]
     assert err.value.details["column"] == "recency_days"
 
 
-def test_ragged_csv_row_is_located_by_line(sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_ragged_csv_row_is_located_by_line(
+    sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     rows = [GOOD_ROWS[0], GOOD_ROWS[1], "M9,1,a,1"]
     data = write_csv(tmp_path / "ragged.csv", rows)
 
     with pytest.raises(ValidationError) as err:
         ingest(sqlite_engine, data, schema)
 
-    assert err.value.message == f"{data}: row 3 (line 4): expected 12 fields as in the header, found 4"
+    assert (
+        err.value.message == f"{data}: row 3 (line 4): expected 12 fields as in the header, found 4"
+    )
 
 
-def test_duplicate_key_across_chunks(sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
-    rows = [f"M{i},1,a,1,1.0,true,g,c,2024-01-01,1,1" for i in range(1, 8)] + ["M3,1,a,1,1.0,true,g,c,2024-01-01,1,1"]
+def test_duplicate_key_across_chunks(
+    sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
+    rows = [f"M{i},1,a,1,1.0,true,g,c,2024-01-01,1,1" for i in range(1, 8)] + [
+        "M3,1,a,1,1.0,true,g,c,2024-01-01,1,1"
+    ]
     data = write_csv(tmp_path / "dup.csv", rows, header=HEADER.rsplit(",", 1)[0])
 
     written: list[int] = []
 
     with pytest.raises(ValidationError) as err:
-        ingest(sqlite_engine, data, schema, chunk_rows=3, progress=lambda rows, _: written.append(rows))
+        ingest(
+            sqlite_engine, data, schema, chunk_rows=3, progress=lambda rows, _: written.append(rows)
+        )
 
     assert written == [3, 6]  # rows 1-6 were written before the third chunk brought the duplicate
-    assert err.value.message.startswith(f"{data}: row 8 (line 9), column 'member_id': duplicate key (same as row 3)")
+    assert err.value.message.startswith(
+        f"{data}: row 8 (line 9), column 'member_id': duplicate key (same as row 3)"
+    )
 
 
-def test_unsupported_or_missing_data_file(sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_unsupported_or_missing_data_file(
+    sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     (tmp_path / "data.xlsx").write_bytes(b"PK")
     with pytest.raises(ValidationError, match="unsupported data file type '.xlsx'"):
         ingest(sqlite_engine, tmp_path / "data.xlsx", schema)
@@ -341,26 +445,38 @@ def _many_rows(n: int, bad_at: int | None = None) -> list[str]:
     rows = []
     for i in range(1, n + 1):
         recency = "oops" if i == bad_at else str(i % 365)
-        rows.append(f"M{i:05d},138{i:08d},u{i}@x.com,{recency},{i / 7:.3f},{i % 2},t{i % 3},c,2024-01-01,{i % 2},{i}")
+        rows.append(
+            f"M{i:05d},138{i:08d},u{i}@x.com,{recency},{i / 7:.3f},{i % 2},t{i % 3},c,2024-01-01,{i % 2},{i}"
+        )
     return rows
 
 
-def test_failure_in_last_chunk_leaves_nothing(engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
-    data = write_csv(tmp_path / "m.csv", _many_rows(1000, bad_at=990), header=HEADER.rsplit(",", 1)[0])
+def test_failure_in_last_chunk_leaves_nothing(
+    engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
+    data = write_csv(
+        tmp_path / "m.csv", _many_rows(1000, bad_at=990), header=HEADER.rsplit(",", 1)[0]
+    )
 
     written: list[int] = []
 
     with pytest.raises(ValidationError, match=r"row 990 \(line 991\), column 'recency_days'"):
         ingest(engine, data, schema, chunk_rows=100, progress=lambda rows, _: written.append(rows))
 
-    assert written == list(range(100, 1000, 100))  # nine chunks were in the table before the failure
+    assert written == list(
+        range(100, 1000, 100)
+    )  # nine chunks were in the table before the failure
     assert content_tables(engine) == []
     assert catalog_names(engine) == []
 
 
-def test_failed_replace_keeps_the_old_version(engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_failed_replace_keeps_the_old_version(
+    engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     ingest(engine, write_csv(tmp_path / "v1.csv", GOOD_ROWS), schema)
-    bad = write_csv(tmp_path / "v2.csv", _many_rows(500, bad_at=450), header=HEADER.rsplit(",", 1)[0])
+    bad = write_csv(
+        tmp_path / "v2.csv", _many_rows(500, bad_at=450), header=HEADER.rsplit(",", 1)[0]
+    )
 
     with pytest.raises(ValidationError, match="row 450"):
         ingest(engine, bad, schema, replace=True, chunk_rows=100)
@@ -371,7 +487,9 @@ def test_failed_replace_keeps_the_old_version(engine: Engine, schema: DatasetSch
     assert sorted(load_frame(engine, "brand_members")["member_id"]) == ["M1", "M2", "M3", "M4"]
 
 
-def test_reingest_needs_replace_and_then_makes_a_new_version(engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_reingest_needs_replace_and_then_makes_a_new_version(
+    engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     ingest(engine, write_csv(tmp_path / "v1.csv", GOOD_ROWS), schema)
     v2 = write_csv(tmp_path / "v2.csv", _many_rows(10), header=HEADER.rsplit(",", 1)[0])
 
@@ -384,14 +502,18 @@ def test_reingest_needs_replace_and_then_makes_a_new_version(engine: Engine, sch
     with Session(engine) as s:
         infos = list_datasets(s)
         assert dataset_table_name(s, "brand_members") == f"{DATA_TABLE_PREFIX}brand_members_v2"
-    assert [(i.name, i.version, i.rows, i.source_name) for i in infos] == [("brand_members", 2, 10, "v2.csv")]
+    assert [(i.name, i.version, i.rows, i.source_name) for i in infos] == [
+        ("brand_members", 2, 10, "v2.csv")
+    ]
     assert len(load_frame(engine, "brand_members")) == 10
 
 
 # ---------------------------------------------------------------------------- describe / list
 
 
-def test_describe_and_list_hold_no_values(engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_describe_and_list_hold_no_values(
+    engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     ingest(engine, write_csv(tmp_path / "m.csv", GOOD_ROWS), schema)
 
     with Session(engine) as s:
@@ -440,12 +562,25 @@ def test_cli_ingest_with_data_dir_prints_json(tmp_path: Path) -> None:
     node_dir = tmp_path / "node"
 
     result = CliRunner().invoke(
-        _cli(), ["ingest", str(data), "--schema", str(tmp_path / "s.yaml"), "--data-dir", str(node_dir), "--json"]
+        _cli(),
+        [
+            "ingest",
+            str(data),
+            "--schema",
+            str(tmp_path / "s.yaml"),
+            "--data-dir",
+            str(node_dir),
+            "--json",
+        ],
     )
 
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert (report["dataset"], report["rows"], report["ignored_columns"]) == ("brand_members", 4, ["crm_note"])
+    assert (report["dataset"], report["rows"], report["ignored_columns"]) == (
+        "brand_members",
+        4,
+        ["crm_note"],
+    )
     engine = make_engine(f"sqlite:///{node_dir / 'node.db'}")
     assert len(load_frame(engine, "brand_members")) == 4
     engine.dispose()
@@ -455,7 +590,14 @@ def test_cli_ingest_with_data_dir_prints_json(tmp_path: Path) -> None:
 def test_cli_errors_are_confide_errors(tmp_path: Path) -> None:
     data = write_csv(tmp_path / "m.csv", GOOD_ROWS)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(SCHEMA))
-    args = ["ingest", str(data), "--schema", str(tmp_path / "s.yaml"), "--data-dir", str(tmp_path / "node")]
+    args = [
+        "ingest",
+        str(data),
+        "--schema",
+        str(tmp_path / "s.yaml"),
+        "--data-dir",
+        str(tmp_path / "node"),
+    ]
     assert CliRunner().invoke(_cli(), args).exit_code == 0
 
     again = CliRunner().invoke(_cli(), args)
@@ -472,17 +614,32 @@ def test_cli_database_url_resolution(tmp_path: Path) -> None:
     from party_node.ingest_cli import resolve_database_url
 
     config = tmp_path / "node.yaml"
-    config.write_text(yaml.safe_dump({"name": "brand", "pki_dir": str(tmp_path / "pki"), "data_dir": str(tmp_path / "a")}))
+    config.write_text(
+        yaml.safe_dump(
+            {"name": "brand", "pki_dir": str(tmp_path / "pki"), "data_dir": str(tmp_path / "a")}
+        )
+    )
 
     assert resolve_database_url(config, tmp_path / "b", "sqlite:///x.db") == "sqlite:///x.db"
-    assert resolve_database_url(config, None, None) == f"sqlite:///{(tmp_path / 'a' / 'node.db').resolve()}"
-    assert resolve_database_url(config, tmp_path / "b", None) == f"sqlite:///{(tmp_path / 'b' / 'node.db').resolve()}"
-    assert resolve_database_url(None, tmp_path / "c", None) == f"sqlite:///{(tmp_path / 'c' / 'node.db').resolve()}"
+    assert (
+        resolve_database_url(config, None, None)
+        == f"sqlite:///{(tmp_path / 'a' / 'node.db').resolve()}"
+    )
+    assert (
+        resolve_database_url(config, tmp_path / "b", None)
+        == f"sqlite:///{(tmp_path / 'b' / 'node.db').resolve()}"
+    )
+    assert (
+        resolve_database_url(None, tmp_path / "c", None)
+        == f"sqlite:///{(tmp_path / 'c' / 'node.db').resolve()}"
+    )
     with pytest.raises(ConfigurationError, match="--database-url, --config"):
         resolve_database_url(None, None, None)
 
 
-def test_header_only_file_makes_an_empty_dataset(sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_header_only_file_makes_an_empty_dataset(
+    sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     report = ingest(sqlite_engine, write_csv(tmp_path / "empty.csv", []), schema)
 
     df = load_frame(sqlite_engine, "brand_members")
@@ -492,7 +649,9 @@ def test_header_only_file_makes_an_empty_dataset(sqlite_engine: Engine, schema: 
     assert df["recency_days"].dtype == "Int64"
 
 
-def test_parquet_all_null_columns(sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_parquet_all_null_columns(
+    sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     cols = {c: pa.nulls(2) for c, _, _ in schema.columns()}
     cols["member_id"] = pa.array(["a", "b"])
     pq.write_table(pa.table(cols), tmp_path / "nulls.parquet")
@@ -510,11 +669,18 @@ def test_unusual_column_names_are_quoted(engine: Engine, tmp_path: Path) -> None
             "dataset": "odd",
             "key": "Order",
             "identifiers": [{"column": "手机号", "type": "phone"}],
-            "features": [{"column": "select", "type": "int"}, {"column": "Group_Size", "type": "float"}],
+            "features": [
+                {"column": "select", "type": "int"},
+                {"column": "Group_Size", "type": "float"},
+            ],
             "labels": [{"column": "user", "type": "binary"}],
         }
     )
-    data = write_csv(tmp_path / "odd.csv", ["A,13800000000,1,2.5,1", "B,,2,,0"], header="Order,手机号,select,Group_Size,user")
+    data = write_csv(
+        tmp_path / "odd.csv",
+        ["A,13800000000,1,2.5,1", "B,,2,,0"],
+        header="Order,手机号,select,Group_Size,user",
+    )
 
     ingest(engine, data, schema)
     df = load_frame(engine, "odd").sort_values("Order")
@@ -524,7 +690,9 @@ def test_unusual_column_names_are_quoted(engine: Engine, tmp_path: Path) -> None
     assert df["select"].tolist() == [1, 2] and df["user"].tolist() == [1, 0]
 
 
-def test_interrupted_ingest_leaves_nothing(engine: Engine, schema: DatasetSchema, tmp_path: Path) -> None:
+def test_interrupted_ingest_leaves_nothing(
+    engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
     data = write_csv(tmp_path / "m.csv", _many_rows(500), header=HEADER.rsplit(",", 1)[0])
     seen: list[int] = []
 
@@ -538,3 +706,48 @@ def test_interrupted_ingest_leaves_nothing(engine: Engine, schema: DatasetSchema
 
     assert seen == [100, 200, 300]
     assert content_tables(engine) == [] and catalog_names(engine) == []
+
+
+def test_line_numbers_count_blank_lines_and_multiline_values(
+    sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
+    header = HEADER.rsplit(",", 1)[0]
+    text = f'{header}\n\nM1,1,a,1,1.0,true,g,"two\nlines",2024-01-01,1,1\n\nM2,2,b,x,1.0,true,g,c,2024-01-01,0,1\n'
+    (tmp_path / "mixed.csv").write_text(text, encoding="utf-8")
+
+    with pytest.raises(ValidationError) as err:
+        ingest(sqlite_engine, tmp_path / "mixed.csv", schema)
+
+    assert err.value.message.startswith(
+        f"{tmp_path / 'mixed.csv'}: row 2 (line 6), column 'recency_days'"
+    )
+    assert err.value.details["line"] == 6
+
+
+def test_invalid_utf8_is_located_by_line(
+    sqlite_engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
+    rows = [r.encode() for r in GOOD_ROWS[:2]] + [b"M9,1,a,1,1.0,true,g\xff\xfe,c,2024-01-01,1,1,"]
+    (tmp_path / "latin.csv").write_bytes(b"\n".join([HEADER.encode(), *rows]) + b"\n")
+
+    with pytest.raises(ValidationError) as err:
+        ingest(sqlite_engine, tmp_path / "latin.csv", schema)
+
+    assert (
+        err.value.message
+        == f"{tmp_path / 'latin.csv'}: line 4 is not valid UTF-8; save the file as UTF-8"
+    )
+    assert content_tables(sqlite_engine) == []
+
+
+def test_nul_character_is_refused_on_every_database(
+    engine: Engine, schema: DatasetSchema, tmp_path: Path
+) -> None:
+    rows = [GOOD_ROWS[0], "M2,1,a,1,1.0,true,g\x00x,c,2024-01-01,1,1,"]
+    data = write_csv(tmp_path / "nul.csv", rows)
+
+    with pytest.raises(ValidationError) as err:
+        ingest(engine, data, schema)
+
+    assert err.value.message.startswith(f"{data}: row 2 (line 3), column 'tier': text contains a NUL")
+    assert content_tables(engine) == []
