@@ -196,3 +196,14 @@ def cancel_job(job_id: str = typer.Argument(...), config: Path = CONFIG) -> None
     with node_client(config) as c:
         job = c.post(f"/v1/admin/jobs/{job_id}/cancel")
     out.print(f"job {job['id']} {job['status']}")
+
+
+def _register() -> None:
+    from party_node.ingest_cli import ingest_command
+
+    app.command("ingest", help="Load a CSV or Parquet file into this node's database with a declared schema.")(
+        ingest_command
+    )
+
+
+_register()

@@ -8,6 +8,16 @@ from coordinator.storage.models import CoordinatorBase
 target_metadata = CoordinatorBase.metadata
 
 
+def render_item(type_, obj, autogen_context):  # type: ignore[no-untyped-def]
+    """Render custom column types as their storage type, so migrations never import app code."""
+    from sqlalchemy.types import TypeDecorator
+
+    if type_ == "type" and isinstance(obj, TypeDecorator):
+        autogen_context.imports.add("import sqlalchemy as sa")
+        return "sa." + repr(obj.impl)
+    return False
+
+
 def run() -> None:
     conn = context.config.attributes.get("connection")
     if conn is None:
@@ -19,7 +29,7 @@ def run() -> None:
 
 
 def _run(conn) -> None:  # type: ignore[no-untyped-def]
-    context.configure(connection=conn, target_metadata=target_metadata, compare_type=True,
+    context.configure(connection=conn, target_metadata=target_metadata, compare_type=True, render_item=render_item,
                       render_as_batch=conn.dialect.name == "sqlite")
     with context.begin_transaction():
         context.run_migrations()

@@ -19,6 +19,16 @@ def include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-
     return True
 
 
+def render_item(type_, obj, autogen_context):  # type: ignore[no-untyped-def]
+    """Render custom column types as their storage type, so migrations never import app code."""
+    from sqlalchemy.types import TypeDecorator
+
+    if type_ == "type" and isinstance(obj, TypeDecorator):
+        autogen_context.imports.add("import sqlalchemy as sa")
+        return "sa." + repr(obj.impl)
+    return False
+
+
 def run() -> None:
     conn = context.config.attributes.get("connection")
     if conn is None:
@@ -30,7 +40,7 @@ def run() -> None:
 
 
 def _run(conn) -> None:  # type: ignore[no-untyped-def]
-    context.configure(connection=conn, target_metadata=target_metadata, compare_type=True,
+    context.configure(connection=conn, target_metadata=target_metadata, compare_type=True, render_item=render_item,
                       include_object=include_object, render_as_batch=conn.dialect.name == "sqlite")
     with context.begin_transaction():
         context.run_migrations()
