@@ -1,6 +1,6 @@
 """Tables of the consent store (SQLAlchemy, on their own declarative base `ConsentBase`).
 
-Subjects appear only as keyed pseudonyms (`subject_ref`, HMAC-SHA256 hex); raw identifiers only
+Subjects appear only as keyed pseudonyms (`subject_ref`, HMAC-SHA256 truncated to 128 bits, hex); raw identifiers only
 as AES-GCM ciphertext under a per-subject key (`consent_subject_keys`), so destroying that key
 erases them. `recipient` is `""` when no recipient applies (so it can be part of keys).
 
@@ -31,7 +31,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-REF_LEN = 64  # hex of HMAC-SHA256
+REF_LEN = 32  # hex of HMAC-SHA256 truncated to 128 bits
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -89,20 +89,21 @@ class ConsentEvent(ConsentBase):
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     identifier_ct: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     content_hash: Mapped[str] = mapped_column(String(64))
-    # Sorts events of one (subject, purpose, recipient) in the order they take effect.
-    order_key: Mapped[str] = mapped_column(String(200))
     # The audit entry covering this event: sha256 over the content hashes of its batch.
-    batch_id: Mapped[str] = mapped_column(String(32), index=True)
+    batch_id: Mapped[str] = mapped_column(String(16))
 
 
 class ConsentState(ConsentBase):
-    """Projection: the latest event per subject, purpose and recipient."""
+    """Projection: the latest event per subject, purpose and recipient.
+
+    Keyed purpose first so the gate reads a purpose family as one range of the key (on SQLite
+    the table is clustered on it: WITHOUT ROWID)."""
 
     __tablename__ = "consent_state"
 
-    subject_ref: Mapped[str] = mapped_column(String(REF_LEN), primary_key=True)
     purpose: Mapped[str] = mapped_column(String(128), primary_key=True)
     recipient: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject_ref: Mapped[str] = mapped_column(String(REF_LEN), primary_key=True, index=True)
     action: Mapped[str] = mapped_column(String(16))
     event_id: Mapped[str] = mapped_column(String(128))
     notice_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -110,7 +111,7 @@ class ConsentState(ConsentBase):
     valid_until_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     order_key: Mapped[str] = mapped_column(String(200))
 
-    __table_args__ = (Index("ix_consent_state_purpose_recipient", "purpose", "recipient"),)
+    __table_args__ = {"sqlite_with_rowid": False}
 
 
 class SubjectKey(ConsentBase):

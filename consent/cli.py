@@ -1,0 +1,176 @@
+"""`confide consent ...`: thin commands over the consent store.
+
+Every command takes --database-url (default: SQLite `node.db` in --data-dir), --key-file (the
+node's consent secret, default `consent.key` in --data-dir, created on first use) and --party
+(a party consent may name as recipient; repeatable; recipients named by registered notices are
+known too). Errors are ConfideErrors; `confide.cli.main` turns them into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from confide.errors import ValidationError
+from consent import reports
+from consent.importer import import_file, read_notices
+from consent.store import ConsentStore, load_or_create_secret
+
+app = typer.Typer(no_args_is_help=True, help="Consent and preferences: import, check, report.")
+notice_app = typer.Typer(no_args_is_help=True, help="Privacy notice versions.")
+app.add_typer(notice_app, name="notice")
+
+_DB = typer.Option(None, "--database-url", help="SQLAlchemy URL (default sqlite:///<data-dir>/node.db)")
+_DATA = typer.Option(Path("var"), "--data-dir", help="The node's data directory")
+_KEY = typer.Option(None, "--key-file", help="Consent secret (default <data-dir>/consent.key)")
+_PARTY = typer.Option([], "--party", help="A known recipient party; repeatable")
+
+
+def open_store(database_url: Optional[str], data_dir: Path, key_file: Optional[Path], parties: list[str]) -> ConsentStore:
+    """The store the commands work on; creates the consent tables if the database has none."""
+    from sqlalchemy import inspect
+
+    from confide.db import make_engine
+    from consent.models import ensure_tables
+
+    data_dir = Path(data_dir)
+    if database_url is None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        database_url = f"sqlite:///{(data_dir / 'node.db').resolve()}"
+    engine = make_engine(database_url)
+    if not inspect(engine).has_table("consent_events"):
+        try:  # a node database is migrated as a whole when its migrations know the consent tables
+            from party_node.storage import ensure_schema
+
+            ensure_schema(engine)
+        except Exception:
+            pass
+        ensure_tables(engine)
+    secret = load_or_create_secret(key_file or data_dir / "consent.key")
+    return ConsentStore(engine, secret_key=secret, recipients=parties)
+
+
+@app.command("import")
+def import_cmd(
+    file: Path = typer.Argument(..., help="CSV or JSONL of consent events (optionally .gz)"),
+    notices: Optional[Path] = typer.Option(None, "--notices", help="YAML/JSON notice versions to register first"),
+    database_url: Optional[str] = _DB,
+    data_dir: Path = _DATA,
+    key_file: Optional[Path] = _KEY,
+    party: list[str] = _PARTY,
+) -> None:
+    """Import consent events; idempotent by event_id (re-importing changes nothing)."""
+    store = open_store(database_url, data_dir, key_file, party)
+    if notices is not None:
+        for n in read_notices(notices):
+            store.register_notice(n)
+    result = import_file(store, file)
+    typer.echo(json.dumps({"recorded": result.recorded, "duplicates": result.duplicates}))
+
+
+@notice_app.command("add")
+def notice_add(
+    file: Path = typer.Argument(..., help="YAML/JSON holding one notice version or a list"),
+    database_url: Optional[str] = _DB,
+    data_dir: Path = _DATA,
+    key_file: Optional[Path] = _KEY,
+    party: list[str] = _PARTY,
+) -> None:
+    """Register notice versions (immutable: other content under an existing version fails)."""
+    store = open_store(database_url, data_dir, key_file, party)
+    for n in read_notices(file):
+        out = store.register_notice(n)
+        typer.echo(f"{out.version} {out.content_hash}")
+
+
+@app.command("check")
+def check_cmd(
+    subjects: Path = typer.Option(..., "--subjects", help="One subject per line, or a CSV (column 'subject' or the first)"),
+    purpose: str = typer.Option(..., "--purpose"),
+    recipient: Optional[str] = typer.Option(None, "--recipient"),
+    at: Optional[str] = typer.Option(None, "--at", help="ISO time (default now)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the decision as JSON"),
+    database_url: Optional[str] = _DB,
+    data_dir: Path = _DATA,
+    key_file: Optional[Path] = _KEY,
+    party: list[str] = _PARTY,
+) -> None:
+    """Ask the gate which subjects may be processed for PURPOSE (audited)."""
+    when = _parse_time(at, "--at") if at else dt.datetime.now(dt.timezone.utc)
+    subject_list = _read_subjects(subjects)
+    store = open_store(database_url, data_dir, key_file, party)
+    d = store.allowed(subject_list, purpose, recipient, when)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "purpose": d.purpose,
+                    "recipient": d.recipient,
+                    "at": d.at.isoformat(),
+                    "allowed": d.allowed,
+                    "evidence": d.evidence,
+                    "allowed_count": d.allowed_count,
+                    "denied_count": d.denied_count,
+                    "denied_counts": d.denied_counts,
+                }
+            )
+        )
+    else:
+        typer.echo(f"allowed {d.allowed_count} of {len(subject_list)} for {purpose}" + (f" with {recipient}" if recipient else ""))
+        for reason, n in d.denied_counts.items():
+            typer.echo(f"  denied {n}: {reason}")
+
+
+@app.command("report")
+def report_cmd(
+    kind: str = typer.Option("coverage", "--kind", help="coverage or processing"),
+    fmt: str = typer.Option("json", "--format", help="json or csv"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write here instead of stdout"),
+    periods: int = typer.Option(12, "--periods", help="Coverage: monthly points in time"),
+    database_url: Optional[str] = _DB,
+    data_dir: Path = _DATA,
+    key_file: Optional[Path] = _KEY,
+    party: list[str] = _PARTY,
+) -> None:
+    """Compliance reports: consent coverage over time, or the record of processing activities."""
+    if kind not in ("coverage", "processing"):
+        raise ValidationError(f"--kind: expected coverage or processing, not {kind!r}", field="kind")
+    if fmt not in ("json", "csv"):
+        raise ValidationError(f"--format: expected json or csv, not {fmt!r}", field="format")
+    store = open_store(database_url, data_dir, key_file, party)
+    if kind == "coverage":
+        rows, cols = reports.coverage(store, periods=periods), reports.COVERAGE_COLUMNS
+    else:
+        rows, cols = reports.processing_activities(store), reports.PROCESSING_COLUMNS
+    text = reports.to_csv(rows, cols) if fmt == "csv" else reports.to_json(rows)
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+    else:
+        typer.echo(text)
+
+
+def _parse_time(value: str, field: str) -> dt.datetime:
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValidationError(f"{field}: {value!r} is not an ISO 8601 time", field=field) from None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _read_subjects(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ValidationError(f"--subjects: {path} does not exist", field="subjects")
+    with path.open(encoding="utf-8", newline="") as fh:
+        if path.suffix.lower() == ".csv":
+            rows = list(csv.reader(fh))
+            if not rows:
+                return []
+            header = [h.strip() for h in rows[0]]
+            col = header.index("subject") if "subject" in header else 0
+            return [r[col].strip() for r in rows[1:] if r and r[col].strip()]
+        return [line.strip() for line in fh if line.strip()]
