@@ -146,6 +146,11 @@ class DatasetSchema(BaseModel):
     def _key_name(cls, v: str) -> str:
         return _check_column_name(v)
 
+    @field_validator("identifiers", "features", "labels", mode="before")
+    @classmethod
+    def _empty_section(cls, v: Any) -> Any:
+        return [] if v is None else v  # "labels:" with nothing under it
+
     @model_validator(mode="after")
     def _unique_columns(self) -> DatasetSchema:
         # Case-insensitive: SQLite column names are, and a file with both would be a trap.

@@ -74,8 +74,9 @@ def ingest_command(
 ) -> None:
     """Load a CSV or Parquet file into this node's database under a declared schema.
 
-    All or nothing: a bad value anywhere (named by file, row and column) leaves the database
-    as it was. Columns the schema does not declare are not loaded.
+    All or nothing: a bad value (named by file, row and column) leaves the database as it was.
+
+    Columns the schema does not declare are not loaded.
     """
     from confide.db import make_engine
     from party_node.datasets import ingest, load_schema

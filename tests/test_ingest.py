@@ -169,6 +169,16 @@ def test_bad_schema_names_file_and_field(
     assert err.value.details["file"] == str(path)
 
 
+def test_schema_sections_may_be_empty(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("dataset: leads\nkey: lead_id\nidentifiers:\n  - {column: phone, type: phone}\nlabels:\n")
+
+    schema = load_schema(path)
+
+    assert schema.features == [] and schema.labels == []
+    assert schema.columns() == [("lead_id", "key", "string"), ("phone", "identifier", "phone")]
+
+
 def test_schema_file_missing_or_not_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         load_schema(tmp_path / "nope.yaml")
