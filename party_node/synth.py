@@ -9,10 +9,15 @@
                          ``converted`` outcome;
 - ``partner_population`` the partner's people (default 3x the members): app-interest tags, income,
                          purchase intent, car insurance, car-app usage, keyed by ``partner_id``;
-- ``brand_consent`` / ``partner_consent``  one row per consent event;
+- ``brand_consent`` / ``partner_consent``  one row per consent event, in the columns
+                         ``consent.importer`` reads, with ``brand_notices.yaml`` /
+                         ``partner_notices.yaml`` holding the notice versions the events cite;
 - ``ground_truth.json``  overlap sizes, expected identifier matches and the achievable lead-scoring
                          AUC with and without the partner's features;
 - ``<dataset>.schema.yaml`` per data file, in the format ``confide node ingest`` reads.
+
+Flags are written as 0/1, dates as ``YYYY-MM-DD``, consent times as ISO 8601 UTC
+(``2026-01-02T03:04:05Z``), missing values as empty CSV fields / Parquet nulls.
 
 How the data is built: one universe of *people* carries everything that belongs to a person (the
 real mobile number, e-mail, WeChat ids, age, city, and four latent traits). Each table takes a
@@ -25,10 +30,12 @@ person has the same normalised phone everywhere. The latent traits plant the gro
 - ``u_p``    purchase intent only the partner can observe (intent score, insurance expiring,
              car-app usage, auto-interest tags).
 
-Lead conversion is ``sigmoid(b0 + u_b + u_p + 0.35 z_val)``, so the partner's features carry
-signal the brand cannot get on its own.
+Lead conversion is ``sigmoid(-2.3 + u_b + 1.1 u_p + 0.35 z_val)``, so the partner's features
+carry signal the brand cannot get on its own (``ground_truth.json`` reports how much).
 
-Everything is vectorised numpy; per-row Python loops are avoided so a million members take seconds.
+Everything is vectorised numpy / Arrow compute; there are no per-row Python loops, so a million
+members take seconds. Consent logs (about 7 events per subject) are rendered and written in
+chunks of a million rows to bound memory.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -336,48 +343,54 @@ def unionids(people: People, idx: np.ndarray) -> np.ndarray:
     return _random_ids(idx, people.seed * 2 + 2, _app_prefix(people.seed, 2))
 
 
-def emails(people: People, idx: np.ndarray) -> np.ndarray:
+def _pick(vocab: np.ndarray, codes: np.ndarray) -> pa.Array:
+    return pc.take(pa.array(vocab, type=pa.string()), pa.array(codes.astype(np.int64)))
+
+
+def emails(people: People, idx: np.ndarray) -> pa.Array:
     """Each person's canonical (lower-case, trimmed) e-mail address, unique per person."""
     idx = idx.astype(np.uint64)
     h = _mix64(idx + np.uint64(people.seed) * np.uint64(0x9E3779B97F4A7C15 & 0xFFFFFFFF))
     # A bijection of the person index: unique numbers that do not look sequential.
     uniq = ((idx * np.uint64(387420489) + np.uint64(people.seed % 1000003)) % np.uint64(10**9)).astype(np.int64)
-    sur = _SURNAMES[(h % np.uint64(len(_SURNAMES))).astype(np.intp)]
-    giv = _GIVEN[((h >> np.uint64(8)) % np.uint64(len(_GIVEN))).astype(np.intp)]
+    sur = _pick(_SURNAMES, h % np.uint64(len(_SURNAMES)))
+    giv = _pick(_GIVEN, (h >> np.uint64(8)) % np.uint64(len(_GIVEN)))
     u01 = ((h >> np.uint64(16)) & np.uint64(0xFFFF)).astype(float) / 65536.0
-    dom_idx = np.searchsorted(np.cumsum(_DOMAIN_P / _DOMAIN_P.sum()), u01, side="right")
-    dom = _DOMAINS[np.minimum(dom_idx, len(_DOMAINS) - 1)]
+    dom_idx = np.minimum(np.searchsorted(np.cumsum(_DOMAIN_P / _DOMAIN_P.sum()), u01, side="right"), len(_DOMAINS) - 1)
     style = ((h >> np.uint64(32)) % np.uint64(3)).astype(np.intp)
-    num = (uniq + 10_000).astype(str)
+    num = pc.cast(pa.array(uniq + 10_000), pa.string())
     # QQ mail addresses are usually the QQ number itself; others are pinyin name + number.
-    local = num.astype(f"<U{8 + 1 + 8 + 11}")
-    for st, sep in ((0, ""), (1, "."), (2, "_")):
-        m = (style == st) & (dom != "qq.com")
-        first, second = (giv[m], sur[m]) if sep == "." else (sur[m], giv[m])
-        local[m] = np.strings.add(np.strings.add(np.strings.add(first, sep), second), num[m])
-    return np.strings.add(np.strings.add(local, "@"), dom)
+    local = pc.if_else(
+        pa.array(_DOMAINS[dom_idx] == "qq.com"), num,
+        pc.if_else(pa.array(style == 0), pc.binary_join_element_wise(sur, giv, num, ""),
+                   pc.if_else(pa.array(style == 1), pc.binary_join_element_wise(giv, ".", sur, num, ""),
+                              pc.binary_join_element_wise(sur, "_", giv, num, ""))))
+    return pc.binary_join_element_wise(local, _pick(_DOMAINS, dom_idx), "@")
 
 
-def mess_emails(rng: np.random.Generator, canonical: np.ndarray, present: np.ndarray) -> pa.Array:
+def mess_emails(rng: np.random.Generator, canonical: pa.Array, present: np.ndarray) -> pa.Array:
     """Mixed case and stray whitespace, as typed into forms; null where not `present`."""
-    n = canonical.shape[0]
-    out = canonical.astype(f"<U{canonical.dtype.itemsize // 4 + 3}")
+    n = len(canonical)
     style = rng.choice(6, size=n, p=[0.62, 0.10, 0.05, 0.10, 0.08, 0.05])
-    # Case changes go through Python's str methods inside numpy: apply them to the few rows only.
-    for st, fn in ((1, np.strings.capitalize), (2, np.strings.upper), (4, np.strings.title), (5, np.strings.title)):
-        m = style == st
-        out[m] = fn(out[m])
-    m = style == 3
-    out[m] = np.strings.add(" ", out[m])
-    m = style == 4
-    out[m] = np.strings.add(np.strings.add("  ", out[m]), " ")
-    m = style == 5
-    out[m] = np.strings.add(out[m], "\t")
-    return _optional(out, present)
+    title = pc.utf8_title(canonical)
+    variants = (
+        canonical,
+        pc.utf8_capitalize(canonical),
+        pc.utf8_upper(canonical),
+        pc.binary_join_element_wise(" ", canonical, ""),
+        pc.binary_join_element_wise("  ", title, " ", ""),
+        pc.binary_join_element_wise(title, "\t", ""),
+    )
+    out = variants[0]
+    for st in range(1, len(variants)):
+        out = pc.if_else(pa.array(style == st), variants[st], out)
+    return pc.if_else(pa.array(present), out, pa.scalar(None, pa.string()))
 
 
-def _optional(values: np.ndarray, present: np.ndarray) -> pa.Array:
+def _optional(values: np.ndarray | pa.Array, present: np.ndarray) -> pa.Array:
     """A string column with nulls where `present` is False."""
+    if isinstance(values, pa.Array):
+        return pc.if_else(pa.array(present), values, pa.scalar(None, values.type))
     return pa.array(values, type=pa.string(), mask=~present)
 
 
@@ -395,9 +408,9 @@ def e164(numbers: np.ndarray, present: np.ndarray) -> pa.Array:
 
 
 def _iso(ts: np.ndarray, present: Optional[np.ndarray] = None) -> pa.Array:
-    """ISO 8601 UTC strings (`2026-01-02T03:04:05Z`), built as a fixed-width byte matrix
+    """ISO 8601 UTC strings from datetime64 or int64 epoch seconds (`2026-01-02T03:04:05Z`), built as a fixed-width byte matrix
     (datetime_as_string / strftime cost ~1 us per value; this is ~20x faster)."""
-    t = ts.astype("datetime64[s]").astype(np.int64)
+    t = ts if ts.dtype.kind == "i" else ts.astype("datetime64[s]").astype(np.int64)
     n = t.shape[0]
     days, secs = np.divmod(t, 86400)
     # Civil date from days since 1970-01-01 (H. Hinnant's algorithm): integer arithmetic only,
@@ -882,19 +895,49 @@ def _vocab(values: Sequence[Any], codes: np.ndarray) -> pa.Array:
     return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(list(values), type=pa.string()))
 
 
-def consent_events(rng: np.random.Generator, party: str, other: str, subjects: pa.Array,
-                   identifier: pa.Array, since: np.ndarray, channel: np.ndarray,
-                   policy: dict[str, _PurposePolicy]) -> pa.Table:
-    """One row per consent event of `subjects`, each known since `since` (datetime64[s]).
+@dataclass(frozen=True)
+class ConsentPlan:
+    """The consent events of one party as integer columns, in time order (rendered to strings
+    chunk by chunk by `consent_batches`, so tens of millions of events fit in memory)."""
 
-    `identifier` is each subject's phone (E.164, null if unknown); `channel` each subject's
-    sign-up channel as an index into `CHANNELS`. Subjects are asked per purpose at sign-up (or
-    when the collaboration starts, for cross-party purposes); some grants are later withdrawn,
-    some refusals later granted. Rows are ordered by time; event ids number them in that order.
+    row: np.ndarray  # index of the subject
+    purpose: np.ndarray  # index into the policy's purposes
+    action: np.ndarray  # 0 granted, 1 refused, 2 withdrawn
+    t: np.ndarray  # event time, seconds since the epoch (UTC)
+    channel: np.ndarray  # index into CHANNELS
+    valid_days: np.ndarray  # validity of a grant
+    lag: np.ndarray  # seconds until the consent service received it
+
+    def __len__(self) -> int:
+        return int(self.row.shape[0])
+
+    def action_rates(self) -> dict[str, float]:
+        counts = np.bincount(self.action, minlength=3) / max(1, len(self))
+        return {a: round(float(c), 4) for a, c in zip(("granted", "refused", "withdrawn"), counts)}
+
+
+def consent_plan(rng: np.random.Generator, since: np.ndarray, channel: np.ndarray,
+                 policy: dict[str, _PurposePolicy]) -> ConsentPlan:
+    """Consent events for subjects known since `since` (datetime64[s]) who signed up through
+    `channel` (indices into CHANNELS).
+
+    Subjects are asked per purpose at sign-up (own-use purposes) or once the collaboration
+    programme starts (collaboration purposes); people not asked by the as-of date have no
+    event. Some grants are later withdrawn, some refusals later granted, often via another
+    channel (the app's privacy settings, the call centre).
     """
-    n = len(subjects)
+    n = since.shape[0]
     horizon = AS_OF - np.timedelta64(3600, "s")
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("row", "purpose", "action", "t", "channel", "valid_days")}
+
+    def add(rows: np.ndarray, p_i: int, action: np.ndarray, t: np.ndarray, chan: np.ndarray, days: int) -> None:
+        cols["row"].append(rows.astype(np.int32))
+        cols["purpose"].append(np.full(rows.shape[0], p_i, dtype=np.int8))
+        cols["action"].append(action.astype(np.int8))
+        cols["t"].append(t.astype("datetime64[s]").astype(np.int64))
+        cols["channel"].append(chan.astype(np.int8))
+        cols["valid_days"].append(np.full(rows.shape[0], days, dtype=np.int16))
+
     for p_i, (purpose, pol) in enumerate(policy.items()):
         asked = np.flatnonzero(rng.random(n) < pol.ask)
         k = asked.shape[0]
@@ -905,59 +948,56 @@ def consent_events(rng: np.random.Generator, party: str, other: str, subjects: p
         delay = np.where(rng.random(k) < 0.8, rng.integers(0, 6 * 3600, k), rng.integers(0, 60 * 86400, k))
         t0 = start + delay.astype("timedelta64[s]")
         granted = rng.random(k) < pol.grant
-        # Not asked yet by the as-of date: no event.
         due = t0 < horizon
-        asked, start, t0, granted, k = asked[due], start[due], t0[due], granted[due], int(due.sum())
-        cols["row"].append(asked)
-        cols["purpose"].append(np.full(k, p_i))
-        cols["action"].append(np.where(granted, 0, 1))
-        cols["t"].append(t0)
-        cols["channel"].append(channel[asked])
-        cols["valid_days"].append(np.full(k, pol.validity_days))
-        # Second events: withdrawal of a grant, or a later grant after a refusal; often made
-        # through another channel (the app's privacy settings, a call to the service centre).
+        asked, t0, granted, k = asked[due], t0[due], granted[due], int(due.sum())
+        add(asked, p_i, np.where(granted, 0, 1), t0, channel[asked], pol.validity_days)
+        # Second events: withdrawal of a grant, or a later grant after a refusal.
         second = np.where(granted, rng.random(k) < pol.withdraw, rng.random(k) < pol.regrant)
         second &= (horizon - t0) > np.timedelta64(60, "s")
-        s = np.flatnonzero(second)
-        span = (horizon - t0[s]).astype(np.int64)
-        t1 = t0[s] + (1 + rng.random(s.shape[0]) * (span - 1)).astype(np.int64).astype("timedelta64[s]")
-        cols["row"].append(asked[s])
-        cols["purpose"].append(np.full(s.shape[0], p_i))
-        cols["action"].append(np.where(granted[s], 2, 0))
-        cols["t"].append(t1)
-        cols["channel"].append(np.where(rng.random(s.shape[0]) < 0.6, channel[asked[s]],
-                                        rng.choice([0, 1, 3, 4], size=s.shape[0])))
-        cols["valid_days"].append(np.full(s.shape[0], pol.validity_days))
-    row = np.concatenate(cols["row"])
-    purpose_i = np.concatenate(cols["purpose"])
-    action_i = np.concatenate(cols["action"])
-    t = np.concatenate(cols["t"])
-    chan = np.concatenate(cols["channel"])
-    valid_days = np.concatenate(cols["valid_days"])
-    order = np.lexsort((purpose_i, row, t))
-    row, purpose_i, action_i, t, chan, valid_days = (a[order] for a in (row, purpose_i, action_i, t, chan, valid_days))
+        sec = np.flatnonzero(second)
+        span = (horizon - t0[sec]).astype(np.int64)
+        t1 = t0[sec] + (1 + rng.random(sec.shape[0]) * (span - 1)).astype(np.int64).astype("timedelta64[s]")
+        chan = np.where(rng.random(sec.shape[0]) < 0.6, channel[asked[sec]], rng.choice([0, 1, 3, 4], size=sec.shape[0]))
+        add(asked[sec], p_i, np.where(granted[sec], 2, 0), t1, chan, pol.validity_days)
 
-    m = row.shape[0]
-    notice_days = np.array([np.datetime64(d, "s") for _, d in _NOTICES])
-    notice_i = np.searchsorted(notice_days, t, side="right") - 1
-    grant = action_i == 0
-    needs_recipient = np.array([p in RECIPIENT_PURPOSES for p in policy])[purpose_i]
-    take = pa.array(row.astype(np.int64))
-    return pa.table({
-        "event_id": _ids(f"{party}-ce-", m, 10),
-        "subject": pc.take(subjects, take),
-        "identifier": pc.take(identifier, take),
-        "purpose": _vocab(list(policy), purpose_i),
-        "recipient": pc.if_else(pa.array(needs_recipient), pa.scalar(other, pa.string()),
-                                pa.scalar(None, pa.string())),
-        "action": _vocab(["granted", "refused", "withdrawn"], action_i),
-        "channel": _vocab(CHANNELS, chan),
-        "notice_version": _vocab([_notice_version(party, v) for v, _ in _NOTICES], notice_i),
-        "valid_from": _iso(t),
-        "valid_until": _iso(t + (valid_days * 86400).astype("timedelta64[s]"), grant),
-        # The consent service stamps arrival a moment after the user acted.
-        "received_at": _iso(t + rng.integers(0, 5, m).astype("timedelta64[s]")),
-    })
+    merged = {k: np.concatenate(v) for k, v in cols.items()}
+    order = np.lexsort((merged["purpose"], merged["row"], merged["t"]))
+    merged = {k: v[order] for k, v in merged.items()}
+    lag = rng.integers(0, 5, order.shape[0]).astype(np.int8)
+    return ConsentPlan(lag=lag, **merged)
+
+
+def consent_batches(plan: ConsentPlan, party: str, other: str, subjects: pa.Array, identifier: pa.Array,
+                    policy: dict[str, _PurposePolicy], chunk: int = 1_000_000):
+    """Render `plan` as Arrow record batches of `chunk` rows with the CONSENT_COLUMNS.
+
+    `subjects` are the subject ids (row keys), `identifier` their E.164 phones (null if
+    unknown). Event ids number the events in time order: `<party>-ce-0000000001`, ...
+    """
+    purposes = list(policy)
+    notice_days = np.array([np.datetime64(d, "s").astype(np.int64) for _, d in _NOTICES])
+    recipient_of = np.array([p in RECIPIENT_PURPOSES for p in purposes])
+    for lo in range(0, len(plan), chunk):
+        hi = min(lo + chunk, len(plan))
+        t = plan.t[lo:hi]
+        grant = plan.action[lo:hi] == 0
+        take = pa.array(plan.row[lo:hi].astype(np.int64))
+        ids = pc.cast(pa.array(np.arange(lo + 1, hi + 1, dtype=np.int64)), pa.string())
+        yield pa.record_batch({
+            "event_id": pc.binary_join_element_wise(f"{party}-ce-", pc.utf8_lpad(ids, 10, "0"), ""),
+            "subject": pc.take(subjects, take),
+            "identifier": pc.take(identifier, take),
+            "purpose": _vocab(purposes, plan.purpose[lo:hi]),
+            "recipient": pc.if_else(pa.array(recipient_of[plan.purpose[lo:hi]]), pa.scalar(other, pa.string()),
+                                    pa.scalar(None, pa.string())),
+            "action": _vocab(["granted", "refused", "withdrawn"], plan.action[lo:hi]),
+            "channel": _vocab(CHANNELS, plan.channel[lo:hi]),
+            "notice_version": _vocab([_notice_version(party, v) for v, _ in _NOTICES],
+                                     np.searchsorted(notice_days, t, side="right") - 1),
+            "valid_from": _iso(t),
+            "valid_until": _iso(t + plan.valid_days[lo:hi].astype(np.int64) * 86400, grant),
+            "received_at": _iso(t + plan.lag[lo:hi]),
+        })
 
 
 CONSENT_SCHEMA = {
@@ -1038,19 +1078,41 @@ def schema_yaml(dataset: str, spec: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: pa.Table, path: Path, fmt: str) -> None:
-    """Write CSV (UTF-8, header, nulls as empty fields) or Parquet (zstd); byte-stable."""
-    if fmt == "csv":
-        import pyarrow.csv as pcsv
+def _plain(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Dictionary columns decoded to strings, so Parquet readers see plain string columns."""
+    cols = [c.cast(pa.string()) if pa.types.is_dictionary(c.type) else c for c in batch.columns]
+    return pa.record_batch(cols, names=batch.schema.names)
 
-        pcsv.write_csv(table, str(path), pcsv.WriteOptions(quoting_style="needed"))
-    else:
-        import pyarrow.parquet as pq
 
-        for i, field in enumerate(table.schema):
-            if pa.types.is_dictionary(field.type):
-                table = table.set_column(i, field.name, table.column(i).cast(pa.string()))
-        pq.write_table(table, str(path), compression="zstd")
+def write_batches(batches: Iterable[pa.RecordBatch], path: Path, fmt: str) -> int:
+    """Stream record batches to CSV (UTF-8, header, nulls as empty fields) or Parquet (zstd);
+    byte-stable for the same batches. Returns the number of rows written."""
+    writer: Any = None
+    rows = 0
+    try:
+        for batch in batches:
+            if fmt == "parquet":
+                batch = _plain(batch)
+            if writer is None:
+                if fmt == "csv":
+                    import pyarrow.csv as pcsv
+
+                    writer = pcsv.CSVWriter(str(path), batch.schema, write_options=pcsv.WriteOptions(quoting_style="needed"))
+                else:
+                    import pyarrow.parquet as pq
+
+                    writer = pq.ParquetWriter(str(path), batch.schema, compression="zstd")
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def write_table(table: pa.Table, path: Path, fmt: str) -> int:
+    """Write one table (see `write_batches`)."""
+    return write_batches(table.to_batches(max_chunksize=1_000_000), path, fmt)
 
 
 def _validate(out_dir: Any, members: Any, partner_factor: Any, leads: Any, overlap: Any, seed: Any,
@@ -1165,15 +1227,15 @@ def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: floa
         np.select([np.isin(src, ["dealer_walk_in", "auto_show"]), src == "wechat_miniprogram", src == "call_centre"],
                   [chan_code["store"], chan_code["wechat_miniprogram"], chan_code["call_centre"]], chan_code["web"]),
     ])
-    b_consent = consent_events(rng_b, brand_name, partner_name, b_subjects, b_ident, b_since, b_channel,
-                               _BRAND_POLICY)
+    b_plan = consent_plan(rng_b, b_since, b_channel, _BRAND_POLICY)
     rng_p = _rng(seed, _S_CONSENT_P)
+    p_subjects = pp.data.column("partner_id").combine_chunks()
+    p_ident = e164(people.phone[partner_idx], pp.phone_ok)
     p_since = column(pp.data, "registered_date").astype("datetime64[s]") + \
         rng_p.integers(7 * 3600, 23 * 3600, n_partner).astype("timedelta64[s]")
     p_channel = _choice(rng_p, [chan_code[c] for c in ("app", "web", "wechat_miniprogram", "call_centre")],
                         [0.72, 0.12, 0.12, 0.04], n_partner)
-    p_consent = consent_events(rng_p, partner_name, brand_name, pp.data.column("partner_id").combine_chunks(),
-                               e164(people.phone[partner_idx], pp.phone_ok), p_since, p_channel, _PARTNER_POLICY)
+    p_plan = consent_plan(rng_p, p_since, p_channel, _PARTNER_POLICY)
 
     # Ground truth.
     partner_pos = np.full(n_people, -1, dtype=np.int64)
@@ -1194,18 +1256,13 @@ def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: floa
     else:
         auc_note = "too few overlapped leads (need >= 200 with >= 20 of each outcome); raise --leads"
 
-    def rate(table: pa.Table) -> dict[str, float]:
-        actions = table.column("action")
-        return {a: round(pc.sum(pc.equal(actions, a)).as_py() / max(1, len(table)), 4)
-                for a in ("granted", "refused", "withdrawn")}
-
     ground_truth = {
         "seed": seed,
         "as_of": str(AS_OF) + "Z",
         "brand": brand_name,
         "partner": partner_name,
         "rows": {"brand_members": members, "brand_leads": n_leads, "partner_population": n_partner,
-                 "brand_consent": len(b_consent), "partner_consent": len(p_consent)},
+                 "brand_consent": len(b_plan), "partner_consent": len(p_plan)},
         "overlap": {
             "requested": overlap,
             "members_in_partner": n_ov_members,
@@ -1231,23 +1288,33 @@ def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: floa
             "brand_features": LEAD_NUMERIC + LEAD_CATEGORICAL,
             "partner_features": PARTNER_NUMERIC + PARTNER_CATEGORICAL,
         },
-        "consent_action_rates": {"brand": rate(b_consent), "partner": rate(p_consent)},
+        "consent_action_rates": {"brand": b_plan.action_rates(), "partner": p_plan.action_rates()},
     }
+
+    # Write, releasing each big table once it is on disk.
+    import yaml
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
-    for name, table, spec in (("brand_members", bm.data, MEMBER_SCHEMA), ("brand_leads", bl.data, LEAD_SCHEMA),
-                              ("partner_population", pp.data, PARTNER_SCHEMA),
-                              ("brand_consent", b_consent, CONSENT_SCHEMA),
-                              ("partner_consent", p_consent, CONSENT_SCHEMA)):
+
+    def emit(name: str, spec: dict[str, Any], batches: Iterable[pa.RecordBatch]) -> None:
         path = out / f"{name}.{fmt}"
-        write_table(table, path, fmt)
+        rows = write_batches(batches, path, fmt)
         schema_path = out / f"{name}.schema.yaml"
         schema_path.write_text(schema_yaml(name, spec), encoding="utf-8")
-        files[name] = {"path": str(path), "rows": len(table), "schema": str(schema_path)}
-    import yaml
+        files[name] = {"path": str(path), "rows": rows, "schema": str(schema_path)}
 
+    del people
+    for name, table, spec in (("brand_members", bm, MEMBER_SCHEMA), ("brand_leads", bl, LEAD_SCHEMA),
+                              ("partner_population", pp, PARTNER_SCHEMA)):
+        emit(name, spec, table.data.to_batches(max_chunksize=1_000_000))
+    del bm, bl, pp, table
+    emit("brand_consent", CONSENT_SCHEMA,
+         consent_batches(b_plan, brand_name, partner_name, b_subjects, b_ident, _BRAND_POLICY))
+    del b_plan, b_subjects, b_ident
+    emit("partner_consent", CONSENT_SCHEMA,
+         consent_batches(p_plan, partner_name, brand_name, p_subjects, p_ident, _PARTNER_POLICY))
     for party, other, role in ((brand_name, partner_name, "brand"), (partner_name, brand_name, "partner")):
         path = out / f"{role}_notices.yaml"
         path.write_text(yaml.safe_dump(notices(party, other, role), sort_keys=False), encoding="utf-8")

@@ -38,7 +38,9 @@ def synth(
                            partner_name=partner_name)
     except ValidationError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(exc.exit_code) from exc
+        # SystemExit, not typer.Exit: under `confide.cli.main` (standalone_mode=False) click
+        # returns a typer.Exit's code instead of exiting, which would end the process with 0.
+        raise SystemExit(exc.exit_code) from exc
     if as_json:
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
         return
