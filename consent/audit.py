@@ -1001,7 +1001,9 @@ class VerifyReport:
         if self.ok:
             return (f"audit log {self.log!r}: {self.size} entries verified against "
                     f"{self.heads_verified} signed head(s) in {self.seconds:.2f}s"
-                    + (f" ({self.pruned} payloads pruned after retention)" if self.pruned else ""))
+                    + (f" ({self.pruned} payloads pruned after retention)" if self.pruned else "")
+                    + ("; WARNING: no signed head was checked, so only the log's internal "
+                       "consistency is proven" if not self.heads_verified else ""))
         first = self.first_problem
         assert first is not None
         where = (f"first bad entry: seq {first.seq}" if first.seq is not None
@@ -1133,12 +1135,14 @@ class HeadStore:
         self.clock = clock
 
     def add(self, head: SignedTreeHead, public_key: ed25519.Ed25519PublicKey | bytes | str,
-            session: Session | None = None) -> None:
+            session: Session | None = None, proof: ConsistencyProof | None = None) -> None:
         """Verify `head` with the sender's identity key and keep it.
 
-        Raises AuthenticationError for a bad signature and Conflict if a head of the same log
-        and size with another root is already kept (the sender equivocated). Re-adding an
-        identical head is a no-op.
+        With `proof` (a consistency proof from the largest kept smaller head of that log to
+        `head`, as `AuditLog.consistency_proof(old, head.size)` makes it) a fork is caught on
+        receipt, not only at the next `verify_log`. Raises AuthenticationError for a bad
+        signature, Conflict if a kept head of the same log and size has another root (the
+        sender equivocated) or the proof does not hold. Re-adding an identical head is a no-op.
         """
         if not verify_head(head, public_key):
             raise AuthenticationError(f"tree head of log {head.log!r} (size {head.size}) has an invalid signature")
@@ -1149,6 +1153,20 @@ class HeadStore:
             if any(r.root != head.root for r in rows):
                 raise Conflict(f"log {head.log!r} signed two different roots for size {head.size}",
                                log=head.log, size=head.size)
+            if proof is not None:
+                prev = conn.execute(
+                    select(t.c.size, t.c.root).where(t.c.log == head.log, t.c.size < head.size)
+                    .order_by(t.c.size.desc()).limit(1)
+                ).first()
+                old_size, old_root = (prev.size, bytes.fromhex(prev.root)) if prev else (0, EMPTY_ROOT)
+                if proof.old_size != old_size or proof.new_size != head.size or not proof.verify(
+                    old_root, head.root_bytes
+                ):
+                    raise Conflict(
+                        f"log {head.log!r}: the consistency proof from size {old_size} to {head.size} "
+                        "does not hold (the log was rewritten, or the proof is for other sizes)",
+                        log=head.log, size=head.size, old_size=old_size,
+                    )
             if any(r.signature == head.signature for r in rows):
                 return
             conn.execute(insert(t), {"log": head.log, "size": head.size, "root": head.root,

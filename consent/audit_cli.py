@@ -91,21 +91,36 @@ def _public_key(public_key: Optional[str], cert: Optional[Path], ca: Optional[Pa
 @app.command("verify")
 def verify(
     database_url: str = typer.Option(..., "--database-url", help="SQLAlchemy URL of the node database"),
-    heads: Path = typer.Option(..., "--heads", help="JSON file of signed tree heads to check against"),
+    heads: Optional[Path] = typer.Option(None, "--heads", help="JSON file of signed tree heads to check against"),
+    peer_db: Optional[str] = typer.Option(
+        None, "--peer-database-url", help="Also check the heads a peer kept for this log (its audit_peer_heads)"
+    ),
     public_key: Optional[str] = typer.Option(None, "--public-key", help="The log's Ed25519 identity key, hex"),
     cert: Optional[Path] = typer.Option(None, "--cert", help="The node's certificate (its identity key is used)"),
     ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate for --cert (default: ca.pem beside it)"),
     log_name: Optional[str] = typer.Option(None, "--log", help="Log name (default: from --cert or the heads)"),
     json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON"),
 ) -> None:
-    """Prove the log was not altered, truncated or rewritten since the given heads."""
-    from consent.audit import AuditLog, verify_log
+    """Prove the log was not altered, truncated or rewritten since the given heads.
 
+    Exit 0 with a summary when the log matches every head; exit 1 naming the first bad entry
+    (or, for history rewritten with fresh hashes, the range it lies in) otherwise.
+    """
+    from consent.audit import AuditLog, HeadStore, verify_log
+
+    if heads is None and peer_db is None:
+        raise ValidationError("give --heads FILE and/or --peer-database-url URL", field="heads")
     key, cert_name = _public_key(public_key, cert, ca)
-    given = load_heads(heads)
+    given = load_heads(heads) if heads is not None else []
     name = log_name or cert_name or (given[0].log if given else None)
     if not name:
-        raise ValidationError("the heads file is empty; name the log with --log", field="log")
+        raise ValidationError("name the log with --log (or give --cert or a non-empty heads file)", field="log")
+    if peer_db is not None:
+        peer = _engine(peer_db)
+        try:
+            given += _guard(lambda: HeadStore(peer).heads(name))
+        finally:
+            peer.dispose()
     engine = _engine(database_url)
     try:
         report = _guard(lambda: verify_log(AuditLog(engine, None, name), given, key))

@@ -315,7 +315,8 @@ def test_append_inside_caller_transaction_commits_or_rolls_back_with_it(engine: 
     assert log.append("step.done", {"job_id": "j"}) == 5
     # The log can also be built from a sessionmaker, as the node does.
     assert AuditLog(factory, None, "brand").size() == 6
-    assert verify_log(log, [], "00" * 32).ok
+    report = verify_log(log, [], "00" * 32)
+    assert report.ok and "WARNING: no signed head" in report.summary()
 
 
 def test_signed_heads_round_trip_and_bad_signatures_are_rejected(
@@ -485,6 +486,27 @@ def test_head_store_keeps_peer_heads_and_refuses_equivocation(
     assert store.latest("nobody") is None
 
 
+def test_head_store_checks_consistency_proofs_on_receipt(engine: Engine, brand: pki.Identity) -> None:
+    log = make_log(engine, brand, 5)
+    store = HeadStore(engine)
+    first = log.sign_head()
+    store.add(first, brand.public_key, proof=log.consistency_proof(0, 5))
+    log.append_many([("job.step", {"i": i}) for i in range(6)])
+    second = log.sign_head()
+    store.add(second, brand.public_key, proof=log.consistency_proof(5, 11))
+    # The log is rewritten below the kept head; its next head cannot be proven consistent.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE audit_leaves SET leaf_hash = :h WHERE seq = 2"), {"h": bytes(32)})
+        conn.execute(text("DELETE FROM audit_chunks"))
+    log.append("job.step", {"i": 99})
+    third = log.sign_head()
+    with pytest.raises(Conflict):
+        store.add(third, brand.public_key, proof=log.consistency_proof(11, 12))
+    with pytest.raises(Conflict):  # a proof for other sizes is no proof
+        store.add(third, brand.public_key, proof=log.consistency_proof(5, 12))
+    assert [h.size for h in store.heads("brand")] == [5, 11]
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI (SQLite)
 # ----------------------------------------------------------------------------------------------
@@ -535,6 +557,29 @@ def test_cli_head_verify_and_proof(tmp_path: Path, pki_dir: Path) -> None:
     code, out = run_cli(["verify", "--database-url", url, "--heads", str(heads)])
     assert code != 0
     eng.dispose()
+
+
+def test_cli_verify_with_heads_a_peer_kept(tmp_path: Path, brand: pki.Identity) -> None:
+    url, peer_url = f"sqlite:///{tmp_path / 'node.db'}", f"sqlite:///{tmp_path / 'peer.db'}"
+    eng, peer = make_engine(url), make_engine(peer_url)
+    AuditBase.metadata.create_all(eng)
+    AuditBase.metadata.create_all(peer)
+    log = AuditLog(eng, brand, "brand")
+    log.append_many([("job.step", {"job_id": f"j{i}"}) for i in range(8)])
+    HeadStore(peer).add(log.sign_head(), brand.public_key)
+    key = pki.raw_public(brand.public_key).hex()
+    code, out = run_cli(["verify", "--database-url", url, "--peer-database-url", peer_url, "--public-key", key,
+                         "--log", "brand"])
+    assert code == 0 and "8 entries verified against 1 signed head" in out, out
+    with eng.begin() as conn:
+        conn.execute(text("DELETE FROM audit_leaves WHERE seq >= 6"))
+    code, out = run_cli(["verify", "--database-url", url, "--peer-database-url", peer_url, "--public-key", key,
+                         "--log", "brand"])
+    assert code == 1 and "seq 6" in out, out
+    code, out = run_cli(["verify", "--database-url", url, "--public-key", key, "--log", "brand"])
+    assert code != 0  # neither --heads nor --peer-database-url
+    eng.dispose()
+    peer.dispose()
 
 
 def test_cli_through_the_main_entry_point(tmp_path: Path) -> None:
