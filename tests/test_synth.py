@@ -82,6 +82,12 @@ def test_overlap_fraction_measured_by_normalised_phone(tmp_path: Path, overlap: 
         assert abs(frac - overlap * 0.97) < 0.03, (name, frac)
     truth = json.loads((tmp_path / "ground_truth.json").read_text())
     assert truth["overlap"]["members_in_partner"] == round(overlap * 4000)
+    # The expected PSI matches the generator reports are exactly what normalisation finds.
+    members = read(tmp_path, "brand_members")
+    assert members["phone"].map(norm_phone).isin(partner).sum() == truth["expected_matches"]["brand_members"]["phone"]
+    partner_emails = set(read(tmp_path, "partner_population")["email"].dropna())
+    found = members["email"].dropna().str.strip().str.lower().isin(partner_emails).sum()
+    assert found == truth["expected_matches"]["brand_members"]["email"]
 
 
 def test_identifiers_are_messy_but_normalise_consistently(data: Path) -> None:
