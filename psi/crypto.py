@@ -144,17 +144,12 @@ def blind(points: bytes, secret: bytes) -> bytes:
     low-order point (a peer following the protocol never sends one)."""
     if len(points) % 32:
         raise ProtocolError("point payload is not a multiple of 32 bytes")
-    sk = X25519PrivateKey.from_private_bytes(secret)
-    exchange = sk.exchange
+    exchange = X25519PrivateKey.from_private_bytes(secret).exchange
     from_pub = X25519PublicKey.from_public_bytes
-    out = bytearray(len(points))
-    mv = memoryview(points)
     try:
-        for pos in range(0, len(points), 32):
-            out[pos : pos + 32] = exchange(from_pub(bytes(mv[pos : pos + 32])))
+        return b"".join([exchange(from_pub(points[i : i + 32])) for i in range(0, len(points), 32)])
     except ValueError:
-        raise ProtocolError(f"point {pos // 32} is of low order; refusing it") from None
-    return bytes(out)
+        raise ProtocolError("a received point is of low order; refusing it") from None
 
 
 def blind_to_tags(points: bytes, secret: bytes, key: bytes) -> bytes:

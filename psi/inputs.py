@@ -103,8 +103,11 @@ def prepare_party(
         if t not in data.identifiers:
             raise ValidationError(f"no {t!r} column in the input")
     decision = gate.allowed(data.subjects, purpose, recipient, at)
-    allowed = set(decision.allowed)
-    keep = [r for r, s in enumerate(data.subjects) if s in allowed]
+    if decision.allowed_count == len(data.subjects) and decision.allowed == list(data.subjects):
+        keep: list[int] = list(range(len(data.subjects)))  # everyone allowed (common case)
+    else:
+        allowed = set(decision.allowed)
+        keep = [r for r, s in enumerate(data.subjects) if s in allowed]
     stats: dict[str, object] = {
         "rows": len(data.subjects),
         "consented_rows": len(keep),
@@ -115,10 +118,14 @@ def prepare_party(
     items: dict[str, PreparedItems] = {}
     for t in types:
         col = data.identifiers[t]
-        normed = normalize(t, [col[r] for r in keep], region=region).values
-        full: list[str | None] = [None] * len(data.subjects)
-        for r, v in zip(keep, normed):
-            full[r] = v
+        if len(keep) == len(data.subjects):
+            full: list[str | None] = normalize(t, col, region=region).values
+            normed = full
+        else:
+            normed = normalize(t, [col[r] for r in keep], region=region).values
+            full = [None] * len(data.subjects)
+            for r, v in zip(keep, normed):
+                full[r] = v
         # Empty cells are "no identifier of this type", not invalid ones.
         invalid = sum(
             1 for r, v in zip(keep, normed) if v is None and not _blank(col[r])

@@ -94,6 +94,8 @@ def _party(
     results: Any,
 ) -> None:
     try:
+        t0 = time.perf_counter()
+        phases: dict[str, float] = {}
         values = read_column(Path(source), column) if isinstance(source, (str, Path)) else source
         data = PartyData([str(i) for i in range(len(values))], {params.id_type: values})
         prepared = prepare_party(
@@ -105,6 +107,7 @@ def _party(
             id_types=[params.id_type],
         )
         items = prepared.items[params.id_type]
+        phases["prepared"] = time.perf_counter() - t0
         executor = ProcessPoolExecutor(workers) if workers > 1 else InProcessExecutor()
         sent = 0
         outq: queue.Queue[bytes | None] = queue.Queue()
@@ -128,10 +131,15 @@ def _party(
                 r: Requester | Responder = Requester(params, items, executor)
                 send([r.hello()])
                 send(r.round_one())
+                phases["own_blinded"] = time.perf_counter() - t0
             else:
                 r = Responder(params, items, executor)
             while not r.done:
-                send(r.handle(decode(conn.recv_bytes())))
+                msgs = r.handle(decode(conn.recv_bytes()))
+                if msgs and "first_reply" not in phases:
+                    phases["first_reply"] = time.perf_counter() - t0
+                send(msgs)
+            phases["done"] = time.perf_counter() - t0
         finally:
             outq.put(None)
             t.join()
@@ -149,6 +157,7 @@ def _party(
                     "intersection_size": out.intersection_size,
                     "bytes_sent": sent,
                     "peak_rss_mb": round(_peak_rss_mb(), 1),
+                    "phases_s": {k: round(v, 2) for k, v in phases.items()},
                 },
             )
         )
