@@ -17,6 +17,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
+
 from consent.gate import ConsentGate
 from confide.errors import ValidationError
 from psi.normalize import normalize, parse_id_type
@@ -24,41 +26,51 @@ from psi.normalize import normalize, parse_id_type
 
 @dataclass
 class PreparedItems:
-    """Distinct normalised values of one identifier type; `rows[i]` are the input rows (indices
-    into `PartyData.subjects`) carrying `values[i]`."""
+    """Distinct normalised values of one identifier type and the input rows (indices into
+    `PartyData.subjects`) carrying each: `first_row[i]` plus, only for values that occur more
+    than once, `extra_rows[i]`. (Compact on purpose: 10^7 rows must fit a node's memory.)"""
 
     id_type: str
     values: list[str]
-    rows: list[list[int]]
+    first_row: np.ndarray
+    extra_rows: dict[int, list[int]] = field(default_factory=dict)
 
     @classmethod
     def from_values(cls, id_type: str, values: Sequence[str | None]) -> "PreparedItems":
         """Items from already-gated values (`None` = skip), de-duplicated."""
         index: dict[str, int] = {}
         vals: list[str] = []
-        rows: list[list[int]] = []
+        first: list[int] = []
+        extra: dict[int, list[int]] = {}
         for r, v in enumerate(values):
             if v is None:
                 continue
-            i = index.get(v)
-            if i is None:
-                index[v] = len(vals)
+            i = index.setdefault(v, len(vals))
+            if i == len(vals):
                 vals.append(v)
-                rows.append([r])
+                first.append(r)
             else:
-                rows[i].append(r)
-        return cls(id_type, vals, rows)
+                extra.setdefault(i, []).append(r)
+        return cls(id_type, vals, np.asarray(first, dtype=np.int64), extra)
+
+    def rows_of(self, i: int) -> list[int]:
+        """All input rows carrying distinct value i."""
+        more = self.extra_rows.get(i)
+        return [int(self.first_row[i]), *more] if more else [int(self.first_row[i])]
 
     def without_rows(self, exclude: set[int]) -> "PreparedItems":
         """The items of the rows not in `exclude` (waterfall: already-matched records)."""
         vals: list[str] = []
-        rows: list[list[int]] = []
-        for v, rs in zip(self.values, self.rows):
-            keep = [r for r in rs if r not in exclude]
+        first: list[int] = []
+        extra: dict[int, list[int]] = {}
+        for i, v in enumerate(self.values):
+            keep = [r for r in self.rows_of(i) if r not in exclude]
             if keep:
+                if len(keep) > 1:
+                    extra[len(vals)] = keep[1:]
                 vals.append(v)
-                rows.append(keep)
-        return PreparedItems(self.id_type, vals, rows)
+                first.append(keep[0])
+        return PreparedItems(self.id_type, vals, np.asarray(first, dtype=np.int64), extra)
 
 
 @dataclass

@@ -107,6 +107,8 @@ def _party(
             id_types=[params.id_type],
         )
         items = prepared.items[params.id_type]
+        n_rows, invalid = len(values), prepared.stats["invalid"][params.id_type]  # type: ignore[index]
+        del values, data, prepared  # only the distinct items are needed from here on
         phases["prepared"] = time.perf_counter() - t0
         executor = ProcessPoolExecutor(workers) if workers > 1 else InProcessExecutor()
         sent = 0
@@ -150,8 +152,8 @@ def _party(
             (
                 role,
                 {
-                    "rows": len(values),
-                    "invalid": prepared.stats["invalid"][params.id_type],  # type: ignore[index]
+                    "rows": n_rows,
+                    "invalid": invalid,
                     "distinct": len(items.values),
                     "matched_rows": len(out.matched),
                     "intersection_size": out.intersection_size,

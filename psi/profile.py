@@ -114,7 +114,7 @@ class ProfileResponder(_Role):
         chunk_rows: int = MAX_CHUNK_ROWS,
         paillier_key: Any = None,
     ) -> None:
-        """`values[column][row]` for every agreed column (rows as in `items.rows`).
+        """`values[column][row]` for every agreed column (rows as in `items.rows_of`).
         `paillier_key`: test-only injection of a (smaller, pre-generated) key; production
         generates a fresh 2048-bit key per job."""
         if params.mode is not Mode.profile:
@@ -133,7 +133,7 @@ class ProfileResponder(_Role):
         self._tags: list[bytes] = []
 
     def _pack(self, values: dict[str, Sequence[object]]) -> tuple[list[tuple[str, str, str]], list[list[int]]]:
-        rows = [rs[0] for rs in self.items.rows]  # a duplicated identifier keeps its first row
+        rows = self.items.first_row.tolist()  # a duplicated identifier keeps its first row
         layout: list[tuple[str, str, str]] = []
         slot_of: dict[tuple[str, str, str], int] = {}
         for c in sorted(self.spec.categorical):

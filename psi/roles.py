@@ -260,7 +260,7 @@ class _Role:
         out: dict[int, str] = {}
         for i in np.flatnonzero(hit):
             key = crypto.join_key(my_tags[i].tobytes(), salt)
-            for row in self.items.rows[i]:
+            for row in self.items.rows_of(int(i)):
                 out[row] = key
         return out
 
