@@ -217,3 +217,30 @@ def consistency(
     finally:
         engine.dispose()
     typer.echo(json.dumps(doc, indent=2))
+
+
+@app.command("prune")
+def prune(
+    database_url: str = typer.Option(..., "--database-url", help="SQLAlchemy URL of the node database"),
+    retention_days: Optional[int] = typer.Option(
+        None, "--retention-days", help="Override CONFIDE_AUDIT_RETENTION_DAYS (>= 1096)"
+    ),
+) -> None:
+    """Blank the payloads of entries older than the retention period (hashes stay verifiable)."""
+    from pydantic import ValidationError as PydanticValidationError
+
+    from consent.audit import AuditLog, AuditSettings
+
+    try:
+        settings = AuditSettings(**({"retention_days": retention_days} if retention_days is not None else {}))
+    except PydanticValidationError as exc:
+        raise ValidationError(f"invalid retention: {exc.errors()[0]['msg']}", field="retention_days") from exc
+    engine = _engine(database_url)
+    try:
+        log = AuditLog(engine, None, "local", settings=settings)
+        n = _guard(log.prune_payloads)
+        cutoff = log.retention_cutoff()
+    finally:
+        engine.dispose()
+    typer.echo(f"pruned the payloads of {n} entries recorded before {cutoff} "
+               f"(retention {settings.retention_days} days)")

@@ -556,6 +556,10 @@ def test_cli_head_verify_and_proof(tmp_path: Path, pki_dir: Path) -> None:
     assert code == 1 and json.loads(out)["first_bad_seq"] == 9
     code, out = run_cli(["verify", "--database-url", url, "--heads", str(heads)])
     assert code != 0
+    code, out = run_cli(["prune", "--database-url", url])
+    assert code == 0 and "pruned the payloads of 0 entries" in out, out
+    code, out = run_cli(["prune", "--database-url", url, "--retention-days", "30"])
+    assert code != 0
     eng.dispose()
 
 
