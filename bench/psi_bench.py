@@ -57,8 +57,9 @@ def _openmined_child(a: list[str], b: list[str], out: Any) -> None:
         + len(request.SerializeToString())
         + len(response.SerializeToString())
     )
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    out.put({"intersection_size": size, "seconds": seconds, "bytes": nbytes, "peak_rss_mb": rss})
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out.put({"intersection_size": size, "seconds": seconds, "bytes": nbytes,
+             "peak_rss_mb": ru.ru_maxrss / 1024.0, "cpu_s": ru.ru_utime + ru.ru_stime})
 
 
 def run_openmined(a: list[str], b: list[str]) -> dict[str, Any]:
@@ -77,6 +78,8 @@ def run_confide(a: list[str], b: list[str]) -> dict[str, Any]:
 
     r = run_local(a, b, id_type="phone", mode=Mode.cardinality)
     return {
+        "cpu_s": r.left["cpu_s"] + r.right["cpu_s"],
+        "phases": {"requester": r.left.get("phases_s"), "responder": r.right.get("phases_s")},
         "intersection_size": r.intersection_size,
         "seconds": r.seconds,
         "bytes": r.bytes,
@@ -173,19 +176,19 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((n, c, o, load()))
     load_after = load()
 
-    header = "| n per side | impl | \\|A∩B\\| | seconds | bytes | peak RSS MB | load after |"
+    header = "| n per side | impl | \\|A∩B\\| | wall s | CPU s | bytes | peak RSS MB | load after |"
     lines.append(header)
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for n, c, o, ld in rows:
         lines.append(
-            f"| {n:,} | confide | {c['intersection_size']:,} | {c['seconds']:.1f} | {c['bytes']:,} | {c['peak_rss_mb']:.0f} | {ld} |"
+            f"| {n:,} | confide | {c['intersection_size']:,} | {c['seconds']:.1f} | {c['cpu_s']:.1f} | {c['bytes']:,} | {c['peak_rss_mb']:.0f} | {ld} |"
         )
         if o:
             lines.append(
-                f"| {n:,} | openmined-psi 2.0.4 | {o['intersection_size']:,} | {o['seconds']:.1f} | {o['bytes']:,} | {o['peak_rss_mb']:.0f} | |"
+                f"| {n:,} | openmined-psi 2.0.4 | {o['intersection_size']:,} | {o['seconds']:.1f} | {o['cpu_s']:.1f} | {o['bytes']:,} | {o['peak_rss_mb']:.0f} | |"
             )
             lines.append(
-                f"| {n:,} | **ratio** (openmined / confide) | | **{o['seconds'] / c['seconds']:.2f}x** | {o['bytes'] / c['bytes']:.3f}x | {o['peak_rss_mb'] / c['peak_rss_mb']:.2f}x | |"
+                f"| {n:,} | **ratio** (openmined / confide) | | **{o['seconds'] / c['seconds']:.2f}x** | {o['cpu_s'] / c['cpu_s']:.2f}x | {o['bytes'] / c['bytes']:.3f}x | {o['peak_rss_mb'] / c['peak_rss_mb']:.2f}x | |"
             )
     table = "\n".join(lines)
     print(table)

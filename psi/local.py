@@ -78,10 +78,34 @@ def read_column(path: Path, column: str) -> list[str]:
         raise ValidationError(f"{path}: no such file") from None
 
 
-def _peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + kids) / 1024.0  # Linux: KiB
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree_usage() -> tuple[float, float]:
+    """(CPU seconds, peak RSS MB) of this process and all its live descendants (the executor's
+    forkserver and workers). Peak RSS is the sum of each process's own peak: an upper bound."""
+    import psutil
+
+    me = psutil.Process()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = ru.ru_utime + ru.ru_stime
+    rss_kib = ru.ru_maxrss
+    for child in me.children(recursive=True):
+        try:
+            t = child.cpu_times()
+            cpu += t.user + t.system
+            rss_kib += _vm_hwm_kib(child.pid)
+        except psutil.Error:
+            continue
+    return cpu, rss_kib / 1024.0
 
 
 def _party(
@@ -145,6 +169,7 @@ def _party(
         finally:
             outq.put(None)
             t.join()
+            cpu_s, peak_mb = _tree_usage()  # before the workers go away
             executor.close()
         out = r.outcome
         assert out is not None
@@ -158,7 +183,8 @@ def _party(
                     "matched_rows": len(out.matched),
                     "intersection_size": out.intersection_size,
                     "bytes_sent": sent,
-                    "peak_rss_mb": round(_peak_rss_mb(), 1),
+                    "peak_rss_mb": round(peak_mb, 1),
+                    "cpu_s": round(cpu_s, 2),
                     "phases_s": {k: round(v, 2) for k, v in phases.items()},
                 },
             )
