@@ -75,6 +75,7 @@ def _register_subcommands() -> None:
     app.add_typer(node_app, name="node")
     from psi.cli import app as psi_app; app.add_typer(psi_app, name="psi")  # noqa: E702
     from consent.audit_cli import app as audit_app; app.add_typer(audit_app, name="audit")  # noqa: E702
+    from federated.cli import app as train_app; app.add_typer(train_app, name="train")  # noqa: E702
 
 
 def main(argv: Optional[list[str]] = None) -> None:
