@@ -29,7 +29,6 @@ cryptographically needs a secure comparison per cell; it is listed as follow-up 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -94,10 +93,6 @@ class ProfileResult:
             "suppressed": self.suppressed,
             "cells": [c.__dict__ for c in self.cells],
         }
-
-
-def _encrypt_batch(plaintexts: list[int], enc: _paillier.CrtEncryptor) -> list[int]:
-    return enc.encrypt_many(plaintexts)
 
 
 class ProfileResponder(_Role):
@@ -250,7 +245,7 @@ class ProfileResponder(_Role):
         ordered = [self._plain[i] for i in self._order]
         k = len(ordered[0]) if ordered else max(1, math.ceil(len(self._layout) / self._slots_per_cipher()))
         flat = [x for row in ordered for x in row]
-        fn = functools.partial(_encrypt_batch, enc=enc)
+        fn = enc.encrypt_many  # a bound method of a picklable dataclass: runs in the workers
         width = _paillier.cipher_bytes(self._n)
         ciphers = b"".join(
             c.to_bytes(width, "big")

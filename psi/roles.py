@@ -115,18 +115,6 @@ class _Stage(enum.Enum):
     done = "done"
 
 
-def _blind_values_batch(values: list[str], dom: bytes, secret: bytes) -> bytes:
-    return crypto.hash_and_blind(values, dom, secret)
-
-
-def _blind_points_batch(points: bytes, secret: bytes) -> bytes:
-    return crypto.blind(points, secret)
-
-
-def _blind_tags_batch(points: bytes, secret: bytes, key: bytes) -> bytes:
-    return crypto.blind_to_tags(points, secret, key)
-
-
 def _point_batches(points: bytes, rows: int) -> Iterator[bytes]:
     step = rows * crypto.POINT_BYTES
     for i in range(0, len(points), step):
@@ -190,19 +178,20 @@ class _Role:
     def _blind_own(self, order: np.ndarray) -> bytes:
         values = self.items.values
         ordered = [values[i] for i in order]
+        # Module-level functions of psi.crypto: cheap for worker processes to import.
         fn = functools.partial(
-            _blind_values_batch, dom=self.params.domain, secret=self.secrets.key.secret
+            crypto.hash_and_blind, dom=self.params.domain, secret=self.secrets.key.secret
         )
         batches = (ordered[i : i + BATCH_ROWS] for i in range(0, len(ordered), BATCH_ROWS))
         return b"".join(self.executor.map_batches(fn, batches))
 
     def _blind_received(self, points: bytes) -> bytes:
-        fn = functools.partial(_blind_points_batch, secret=self.secrets.key.secret)
+        fn = functools.partial(crypto.blind, secret=self.secrets.key.secret)
         return b"".join(self.executor.map_batches(fn, _point_batches(points, BATCH_ROWS)))
 
     def _blind_received_to_tags(self, points: bytes) -> bytes:
         fn = functools.partial(
-            _blind_tags_batch, secret=self.secrets.key.secret, key=self._tag_key
+            crypto.blind_to_tags, secret=self.secrets.key.secret, key=self._tag_key
         )
         return b"".join(self.executor.map_batches(fn, _point_batches(points, BATCH_ROWS)))
 

@@ -9,7 +9,6 @@ import pytest
 
 from psi import crypto
 from psi.executor import InProcessExecutor, ProcessPoolExecutor, RayExecutor
-from psi.roles import _blind_values_batch
 
 DOM = crypto.domain_key("agr", "job", "phone")
 KEY = bytes(range(32))
@@ -19,7 +18,7 @@ EXPECTED = crypto.hash_and_blind(VALUES, DOM, KEY)
 
 
 def _contract(ex) -> None:
-    fn = functools.partial(_blind_values_batch, dom=DOM, secret=KEY)
+    fn = functools.partial(crypto.hash_and_blind, dom=DOM, secret=KEY)
     assert b"".join(ex.map_batches(fn, iter(BATCHES))) == EXPECTED
     assert list(ex.map_batches(fn, [])) == []
     assert ex.workers >= 1
