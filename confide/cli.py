@@ -66,22 +66,44 @@ def pki_issue(
     console.print(f"issued [bold]{name}[/bold] -> {out}")
 
 
-def _register_subcommands() -> None:
-    # Imported here so `confide --help` stays fast and a broken optional piece names itself.
-    from coordinator.cli import app as coordinator_app
-    from party_node.cli import app as node_app
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for data, deployment and report"),
+    scale: float = typer.Option(1.0, "--scale", min=0.05, help="Data size multiplier (1.0 = 20,000 members)"),
+    seed: int = typer.Option(42, "--seed"),
+) -> None:
+    """Run the end-to-end demo: three services with mTLS, synthetic data, agreement, every job."""
+    from confide.demo import demo as run_demo
 
-    app.add_typer(coordinator_app, name="coordinator")
-    app.add_typer(node_app, name="node")
-    from psi.cli import app as psi_app; app.add_typer(psi_app, name="psi")  # noqa: E702
-    from consent.audit_cli import app as audit_app; app.add_typer(audit_app, name="audit")  # noqa: E702
-    from federated.cli import app as train_app; app.add_typer(train_app, name="train")  # noqa: E702
+    run_demo(out, scale=scale, seed=seed)
+
+
+# (module, attribute, name): command groups of the product packages, mounted at start-up.
+_GROUPS = [
+    ("coordinator.cli", "app", "coordinator"),
+    ("party_node.cli", "app", "node"),
+    ("psi.cli", "app", "psi"),
+    ("federated.cli", "app", "train"),
+    ("consent.cli", "app", "consent"),
+    ("consent.audit_cli", "app", "audit"),
+]
+
+
+def _register_subcommands() -> None:
+    # Imported here, not at module import, so `confide version` stays fast.
+    import importlib
+
+    for module, attr, name in _GROUPS:
+        app.add_typer(getattr(importlib.import_module(module), attr), name=name)
+    from party_node.synth_cli import synth
+
+    app.command("synth")(synth)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     _register_subcommands()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except ConfideError as exc:
         console.print(f"[red]error:[/red] {exc.message}")
         sys.exit(exc.exit_code)
@@ -98,3 +120,4 @@ def main(argv: Optional[list[str]] = None) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -46,7 +46,6 @@ class CoordinatorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CONFIDE_COORDINATOR_", extra="forbid")
 
     name: str = "coordinator"
-    step_retry_s: float = Field(default=2.0, gt=0, description="Pause between attempts to reach a node")
     step_deadline_s: float = Field(
         default=120.0, gt=0, description="How long a job step may stay unreachable/unfinished before the job fails"
     )

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from confide.auth import sign_request
-from confide.errors import RemoteError, from_response
+from confide.errors import AuthenticationError, RemoteError, from_response
 from confide.pki import Identity
 
 
@@ -96,6 +96,7 @@ class ServiceClient:
                 f"could not reach {self.peer} at {self.base_url}: {type(exc).__name__}: {exc}",
                 peer=self.peer,
             ) from exc
+        self._check_peer(resp)
         if resp.status_code >= 400:
             try:
                 body = resp.json()
@@ -107,6 +108,23 @@ class ServiceClient:
         if not resp.content:
             return None
         return resp.json()
+
+    def _check_peer(self, resp: httpx.Response) -> None:
+        """Over TLS, the server's certificate must name the peer we meant to call.
+
+        Every certificate of the deployment carries the same host names on one machine, so the
+        host-name check alone would let any party's service pass as the coordinator's.
+        """
+        stream = resp.extensions.get("network_stream")
+        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+        if ssl_object is None:
+            return
+        cert = ssl_object.getpeercert() or {}
+        names = [v for rdn in cert.get("subject", ()) for (k, v) in rdn if k == "commonName"]
+        if names != [self.peer]:
+            raise AuthenticationError(
+                f"server at {self.base_url} presented a certificate for {names}, expected {self.peer!r}"
+            )
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw)

@@ -90,6 +90,31 @@ class Orchestrator:
             except Exception as exc:
                 log.exception("job %s: unexpected error", job_id)
                 self._fail(job_id, f"internal error: {type(exc).__name__}: {exc}")
+        self._stop_cancelled_steps()
+
+    def _stop_cancelled_steps(self) -> None:
+        """Tell nodes to stop the steps of cancelled jobs (best effort, until the deadline)."""
+        with session_scope(self.factory) as s:
+            todo = [(st.id, st.job_id, st.name, st.party, _aware(st.dispatched_at))
+                    for st in s.scalars(select(JobStep).where(JobStep.status == "cancelling"))]
+        for step_id, job_id, name, party, since in todo:
+            outcome = "cancelled"
+            try:
+                with self.node_client(party) as client:
+                    client.delete(f"/v1/steps/{job_id}/{name}")
+            except RemoteError as exc:
+                if exc.details.get("status") is None:
+                    now = dt.datetime.now(dt.timezone.utc)
+                    if since is not None and now - since < self.step_deadline:
+                        continue  # try again next tick
+            except ConfideError:
+                pass  # the node no longer has it: nothing to stop
+            with session_scope(self.factory) as s:
+                st = s.get(JobStep, step_id)
+                if st is not None and st.status == "cancelling":
+                    st.status = outcome
+                    st.finished_at = utcnow()
+                    service.record(s, "step.cancelled", "coordinator", job_id=job_id, step=name, party=party)
 
     def advance(self, job_id: str) -> None:
         with session_scope(self.factory) as s:

@@ -212,8 +212,10 @@ def cancel_job(session: Session, job_id: str, party: str) -> Job:
     job.finished_at = utcnow()
     job.error = f"cancelled by {party}"
     for st in job.steps:
-        if st.status in ("pending", "dispatched"):
+        if st.status == "pending":
             st.status = "cancelled"
+        elif st.status == "dispatched":
+            st.status = "cancelling"  # the orchestrator tells the node to stop it
     from coordinator import relay
 
     relay.purge(session, job_id)

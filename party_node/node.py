@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -55,6 +56,7 @@ class Node:
         self.audit = NodeAudit(self.factory, self.identity)
         self._coordinator_transport = coordinator_transport
         self._certs: dict[str, pki.CertInfo] = {}
+        self._last_refresh = -1e9
         self._keys_lock = threading.Lock()
         self.verifier = RequestVerifier(self.identity.name, self._resolve, max_skew_s=settings.max_clock_skew_s)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="step")
@@ -85,8 +87,8 @@ class Node:
         with self._keys_lock:
             if name in self._certs:
                 return self._certs[name]
-        if not refresh_ok:
-            return None
+        if not refresh_ok or (quiet and time.monotonic() - self._last_refresh < 2.0):
+            return None  # an unknown sender must not make us hammer the coordinator
         try:
             self.refresh_keys()
         except ConfideError as exc:
@@ -97,6 +99,7 @@ class Node:
             return self._certs.get(name)
 
     def refresh_keys(self) -> None:
+        self._last_refresh = time.monotonic()
         with self.coordinator() as c:
             coord_cert = c.get("/v1/identity")["cert_pem"]
             info = pki.verify_certificate(coord_cert, self.identity.ca_pem)

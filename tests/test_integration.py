@@ -209,3 +209,51 @@ def test_replayed_request_over_mtls_is_refused(net: LocalNet, active: dict) -> N
         r = h.get("/v1/agreements", headers=headers)
         assert r.status_code == 401 and "replayed" in r.json()["message"]
     assert "replayed request" in net.tail("coordinator", 200)
+
+
+def test_client_checks_the_server_is_the_peer_it_meant(net: LocalNet) -> None:
+    from confide.transport import ServiceClient
+
+    ident = pki.load_identity(net.pki_dir / "partner")
+    # The brand node's certificate is valid for 127.0.0.1 too, but it is not the coordinator.
+    with ServiceClient(ident, "coordinator", net.services["brand"].url) as c:
+        with pytest.raises(AuthenticationError, match=r"certificate for \['brand'\], expected 'coordinator'"):
+            c.get("/health")
+
+
+def test_signing_checks_reviewed_digest_and_held_datasets(net: LocalNet, active: dict) -> None:
+    from confide.errors import ValidationError
+
+    with net.client("brand") as c:
+        doc = c.post("/v1/admin/agreements", spec("needs-review", datasets={"brand": ["members"], "partner": ["people"]}))
+        with pytest.raises(AgreementError, match="not the reviewed"):
+            c.post("/v1/admin/agreements/needs-review/versions/1/sign", {"digest": "f" * 64})
+        ghost = spec("ghost-data", datasets={"brand": ["no_such_dataset"], "partner": ["people"]})
+        g = c.post("/v1/admin/agreements", ghost)
+        with pytest.raises(ValidationError, match="does not hold"):
+            c.post("/v1/admin/agreements/ghost-data/versions/1/sign", {"digest": g["digest"]})
+        cols = spec("ghost-cols", datasets={"brand": ["members"], "partner": ["people"]})
+        cols["parties"][0]["columns"] = {"members": ["recency_days", "salary"]}
+        g = c.post("/v1/admin/agreements", cols)
+        with pytest.raises(ValidationError, match=r"columns \['salary'\]"):
+            c.post("/v1/admin/agreements/ghost-cols/versions/1/sign", {"digest": g["digest"]})
+        listed = {(d["agreement_id"], d["signed_by_me"]) for d in c.get("/v1/admin/agreements")}
+    assert ("needs-review", False) in listed and ("ghost-data", False) in listed
+
+
+def test_node_refuses_superseded_version(net: LocalNet, active: dict) -> None:
+    """Once a node has seen v2 active, a step under v1 is refused even if the coordinator asks."""
+    v2spec = spec("supersede-me", datasets={"brand": ["members"], "partner": ["people"]})
+    docs = {}
+    for k_min in (50, 60):
+        with net.client("brand") as c:
+            d = c.post("/v1/admin/agreements", dict(v2spec, k_min=k_min))
+            c.post(f"/v1/admin/agreements/supersede-me/versions/{d['version']}/sign", {"digest": d["digest"]})
+        with net.client("partner") as c:
+            docs[d["version"]] = c.post(f"/v1/admin/agreements/supersede-me/versions/{d['version']}/sign", {})
+    assert docs[1]["status"] == "active" and docs[2]["status"] == "active"
+    with net.client("brand", as_party="coordinator") as c:
+        ok = c.post("/v1/steps", _step(docs[2], job_id="00000000-0000-0000-0000-0000000000a2"))
+        assert ok["status"] in ("running", "succeeded")
+        with pytest.raises(AgreementError, match="superseded by v2"):
+            c.post("/v1/steps", _step(docs[1], job_id="00000000-0000-0000-0000-0000000000a1"))

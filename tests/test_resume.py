@@ -96,3 +96,21 @@ def test_node_gone_for_good_fails_the_job_cleanly(net: LocalNet) -> None:
     assert all(s["status"] in ("succeeded", "failed", "cancelled") for s in job["steps"])
     out = json.loads(confide("node", "job", "status", job_id, "--json", "--config", str(net.config("brand"))).stdout)
     assert out["status"] == "failed"
+
+
+def test_cancel_stops_the_step_at_the_node(net: LocalNet) -> None:
+    job_id = start_job(net)
+    wait_dispatched(net, job_id, "partner")
+    with net.client("brand") as c:
+        assert c.post(f"/v1/admin/jobs/{job_id}/cancel")["status"] == "cancelled"
+    deadline = time.monotonic() + 20
+    with net.client("partner") as c:
+        while time.monotonic() < deadline:
+            steps = c.get("/v1/admin/steps")
+            if steps and steps[0]["status"] == "cancelled":
+                break
+            time.sleep(0.2)
+    assert [(s["job_id"], s["status"]) for s in steps] == [(job_id, "cancelled")]
+    job = wait_job(net, "brand", job_id)
+    assert job["status"] == "cancelled"
+    assert next(s for s in job["steps"] if s["party"] == "partner")["status"] == "cancelled"
