@@ -73,11 +73,30 @@ class PreparedItems:
         return PreparedItems(self.id_type, vals, np.asarray(first, dtype=np.int64), extra)
 
 
+class RowNumbers(Sequence[str]):
+    """Row keys "0", "1", … made on demand: the subjects of a file without a key column,
+    without materialising millions of strings."""
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        if isinstance(i, slice):
+            return [str(j) for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return str(i % self._n)
+
+
 @dataclass
 class PartyData:
-    """One party's rows: a subject id (its own row key) per row and identifier columns by type."""
+    """One party's rows: a subject id (its own row key, unique) per row and identifier columns
+    by type."""
 
-    subjects: list[str]
+    subjects: Sequence[str]
     identifiers: dict[str, list[object]]
 
     def __post_init__(self) -> None:
@@ -115,8 +134,10 @@ def prepare_party(
         if t not in data.identifiers:
             raise ValidationError(f"no {t!r} column in the input")
     decision = gate.allowed(data.subjects, purpose, recipient, at)
-    if decision.allowed_count == len(data.subjects) and decision.allowed == list(data.subjects):
-        keep: list[int] = list(range(len(data.subjects)))  # everyone allowed (common case)
+    if decision.allowed_count == len(data.subjects):
+        # The gate returns an order-preserving subset of the (unique) row keys, so equal
+        # length means everyone is allowed: skip building a set of 10^7 keys.
+        keep: list[int] = list(range(len(data.subjects)))
     else:
         allowed = set(decision.allowed)
         keep = [r for r, s in enumerate(data.subjects) if s in allowed]

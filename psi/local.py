@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from consent.gate import GateDecision
 from confide.errors import ConfideError, ValidationError
 from psi.executor import InProcessExecutor, ProcessPoolExecutor
-from psi.inputs import PartyData, prepare_party
+from psi.inputs import PartyData, RowNumbers, prepare_party
 from psi.messages import Mode, decode, encode
 from psi.roles import Requester, Responder, SessionParams
 
@@ -36,7 +36,7 @@ class AssumeConsentedGate:
     def allowed(
         self, subjects: Sequence[str], purpose: str, recipient: str | None, at: dt.datetime
     ) -> GateDecision:
-        return GateDecision(purpose, recipient, at, list(subjects), {}, {})
+        return GateDecision(purpose, recipient, at, subjects, {}, {})  # type: ignore[arg-type]
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _party(
         t0 = time.perf_counter()
         phases: dict[str, float] = {}
         values = read_column(Path(source), column) if isinstance(source, (str, Path)) else source
-        data = PartyData([str(i) for i in range(len(values))], {params.id_type: values})
+        data = PartyData(RowNumbers(len(values)), {params.id_type: values})
         prepared = prepare_party(
             data,
             AssumeConsentedGate(),
