@@ -2,7 +2,7 @@
 
 Only the key holder (the responder, who owns the values) encrypts, so it encrypts with its
 factorisation: the obfuscator r^n mod n² is computed mod p² and mod q² and recombined (CRT),
-about 3-4x faster than phe's public-key encryption. The requester only multiplies ciphertexts
+about 1.8x faster than phe's public-key encryption (5.0 vs 8.9 ms CPU at 2048 bits here). The requester only multiplies ciphertexts
 (adds plaintexts) and adds its mask with the public key.
 """
 
