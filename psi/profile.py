@@ -66,6 +66,9 @@ class ProfileSpec:
     scale: int = 100
     k_min: int = 50
     max_categories: int = 64
+    # The agreed value vocabulary per categorical column (values outside it count as OTHER).
+    # Without it the partner's own vocabulary of the column is used — and thereby revealed.
+    categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
@@ -132,9 +135,12 @@ class ProfileResponder(_Role):
         layout: list[tuple[str, str, str]] = []
         slot_of: dict[tuple[str, str, str], int] = {}
         for c in sorted(self.spec.categorical):
-            seen = sorted({str(values[c][r]) for r in rows if values[c][r] not in (None, "")})
-            if len(seen) > self.spec.max_categories:
-                seen = seen[: self.spec.max_categories - 1] + [OTHER]
+            if c in self.spec.categories:
+                seen = sorted(set(self.spec.categories[c]))[: self.spec.max_categories - 1] + [OTHER]
+            else:
+                seen = sorted({str(values[c][r]) for r in rows if values[c][r] not in (None, "")})
+                if len(seen) > self.spec.max_categories:
+                    seen = seen[: self.spec.max_categories - 1] + [OTHER]
             for v in seen:
                 slot_of[(c, "count", v)] = len(layout)
                 layout.append((c, "count", v))

@@ -89,3 +89,13 @@ def test_profile_refuses_columns_outside_the_agreement_and_bad_values(key) -> No
     with pytest.raises(ValidationError, match="range|lie in"):
         ProfileResponder(p, PreparedItems.from_values("phone", ["x"]), {"spend": [-5]},
                          ProfileSpec(numeric=("spend",)), paillier_key=key)
+
+
+def test_profile_agreed_vocabulary_hides_the_partners_own(key) -> None:
+    b, vals = _data(120)
+    spec = ProfileSpec(categorical=("city",), k_min=1, categories={"city": ("bj", "sh")})
+    req, _ = _run([f"u{i}" for i in range(100, 220)], b, vals, spec, key)
+    assert req.result is not None
+    got = {c.value: c.result for c in req.result.cells}
+    assert set(got) == {"bj", "sh", "__other__"}
+    assert sum(got.values()) == 120
