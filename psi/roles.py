@@ -144,7 +144,6 @@ class _Role:
         self.secrets = secrets or RoleSecrets.fresh()
         self.chunk_rows = chunk_rows
         self._shuffler = crypto.Shuffler(self.secrets.shuffle_seed)
-        self._tag_key = crypto.tag_key(params.session)
         self._seq = 0
         self._peer_seq = 0
         self._offsets: dict[Stream, int] = {}
@@ -190,9 +189,7 @@ class _Role:
         return b"".join(self.executor.map_batches(fn, _point_batches(points, BATCH_ROWS)))
 
     def _blind_received_to_tags(self, points: bytes) -> bytes:
-        fn = functools.partial(
-            crypto.blind_to_tags, secret=self.secrets.key.secret, key=self._tag_key
-        )
+        fn = functools.partial(crypto.blind_to_tags, secret=self.secrets.key.secret)
         return b"".join(self.executor.map_batches(fn, _point_batches(points, BATCH_ROWS)))
 
     # -- incoming checks (no state change) --------------------------------------------------
