@@ -11,10 +11,14 @@ Semantics of the gate (`allowed`), per subject:
 - Erased subjects are denied (`erased`). A refusal or withdrawal among the rules wins over any
   grant (`withdrawn`, `refused`); so does the "no personalised marketing" switch for a
   personalised purpose (`opted_out`).
-- Otherwise a grant allows if it names the call's recipient (or none, when the call names none),
-  is valid at `at`, and its notice version still covers the purpose and recipient unchanged: a
-  later notice version in force at `at` that changes the purpose's data categories or drops the
-  recipient makes it `notice_superseded`; a version that never covered them, `not_in_notice`.
+- Otherwise a grant allows if it applies to the call's recipient, is valid at `at`, and its
+  notice version still covers the purpose unchanged. For a recipient-specific purpose
+  (`sharing.*`, PIPL Art. 23: separate consent) only a grant naming that recipient applies,
+  and the notice must name the recipient too; a grant for no or another recipient gives
+  `no_recipient_consent`. For other purposes a general grant or one naming the recipient
+  applies (a refusal or withdrawal naming the recipient still vetoes). A later notice version in
+  force at `at` that changes the purpose's data categories (or drops the recipient) makes the
+  grant `notice_superseded`; a version that never covered them, `not_in_notice`.
 - Denied subjects are counted per reason; a subject with no applicable rule is `no_consent`.
 The gate answers from the current state: a withdrawal recorded now binds every later call,
 whatever its `at`.
@@ -552,10 +556,13 @@ class ConsentStore:
                         field="recipient",
                     )
             refs = self._keys.refs(subjects)
-            bad_versions = insufficient_versions(self._notices(session), purpose, recipient, at_utc)
+            separate = spec.recipient_specific
+            bad_versions = insufficient_versions(
+                self._notices(session), purpose, recipient if separate else None, at_utc
+            )
             lookup = _StateLookup(session, refs if len(set(refs)) <= _SMALL_GATE else None)
             good, vetoes, weak = lookup.classify(
-                self.purposes.ancestors(purpose), recipient, _us(at_utc), bad_versions
+                self.purposes.ancestors(purpose), recipient, separate, _us(at_utc), bad_versions
             )
             erased = lookup.column_set("SELECT subject_ref FROM consent_tombstones", ())
             opted = (
@@ -906,7 +913,11 @@ class _IngestContext:
                         f"{label}.purpose: notice {e.notice_version!r} does not cover purpose {e.purpose!r}",
                         field=f"{label}.purpose",
                     )
-                if e.recipient is not None and e.recipient not in terms.recipients_for(e.purpose):
+                if (
+                    e.recipient is not None
+                    and reg.recipient_specific(e.purpose)
+                    and e.recipient not in terms.recipients_for(e.purpose)
+                ):
                     raise ValidationError(
                         f"{label}.recipient: notice {e.notice_version!r} does not name recipient {e.recipient!r} "
                         f"for {e.purpose!r}",
@@ -1178,40 +1189,56 @@ class _StateLookup:
         return {row[0] for row in self._run(sql, params)}
 
     def classify(
-        self, purposes: list[str], recipient: str | None, at_us: int, bad_versions: Mapping[str, str]
+        self,
+        purposes: list[str],
+        recipient: str | None,
+        separate: bool,
+        at_us: int,
+        bad_versions: Mapping[str, str],
     ) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-        """(usable grants ref -> event id, vetoes ref -> reason, weakest-denial ref -> reason)."""
-        grant_rec = recipient or ""
-        recs = [""] if recipient is None else ["", recipient]
+        """(usable grants ref -> event id, vetoes ref -> reason, weakest-denial ref -> reason).
+
+        Rules for no recipient and, when the call names one, for that recipient apply. With
+        `separate` (a recipient-specific purpose) only a grant naming the recipient is usable;
+        grants for no or another recipient make the denial reason `no_recipient_consent`."""
         pm = ", ".join(["{p}"] * len(purposes))
-        rm = ", ".join(["{p}"] * len(recs))
+        usable = [recipient] if separate and recipient else ["", recipient] if recipient else [""]
+        um = ", ".join(["{p}"] * len(usable))
         bad = sorted(bad_versions)
         bad_clause = f" AND COALESCE(notice_version, '') NOT IN ({', '.join(['{p}'] * len(bad))})" if bad else ""
         good_where = (
-            "action = 'granted' AND recipient = {p} AND valid_from_us <= {p} "
+            f"action = 'granted' AND recipient IN ({um}) AND valid_from_us <= {{p}} "
             "AND (valid_until_us IS NULL OR valid_until_us > {p})" + bad_clause
         )
-        good_params = [grant_rec, at_us, at_us, *bad]
-        base = f"FROM consent_state WHERE purpose IN ({pm}) AND recipient IN ({rm})"
+        good_params = [*usable, at_us, at_us, *bad]
+        if separate:
+            base, base_params = f"FROM consent_state WHERE purpose IN ({pm})", list(purposes)
+        else:
+            recs = ["", recipient] if recipient else [""]
+            base = f"FROM consent_state WHERE purpose IN ({pm}) AND recipient IN ({', '.join(['{p}'] * len(recs))})"
+            base_params = [*purposes, *recs]
         good: dict[str, str] = {}
-        for ref, ev in self._run(f"SELECT subject_ref, event_id {base} AND {good_where}", [*purposes, *recs, *good_params]):
+        for ref, ev in self._run(f"SELECT subject_ref, event_id {base} AND {good_where}", [*base_params, *good_params]):
             good[ref] = ev
         vetoes: dict[str, str] = {}
         weak: dict[str, str] = {}
         rest = self._run(
             f"SELECT subject_ref, recipient, action, notice_version, valid_from_us, valid_until_us {base} "
             f"AND NOT ({good_where})",
-            [*purposes, *recs, *good_params],
+            [*base_params, *good_params],
         )
+        applies = ("", recipient or "")
         for ref, rec, action, version, vf, vu in rest:
             if action == "withdrawn" or action == "refused":
-                if vetoes.get(ref) != "withdrawn":
+                if rec in applies and vetoes.get(ref) != "withdrawn":
                     vetoes[ref] = action
                 continue
-            if action == "expired":
-                reason = "expired"
-            elif rec != grant_rec:
+            if rec not in usable:
+                if action != "granted":
+                    continue
                 reason = "no_recipient_consent"
+            elif action == "expired":
+                reason = "expired"
             elif vu is not None and vu <= at_us:
                 reason = "expired"
             elif vf > at_us:
