@@ -248,3 +248,40 @@ def test_crypto_blinding_commutes_and_domains_separate() -> None:
     assert crypto.blind(pa, b) == crypto.blind(crypto.hash_and_blind(["x", "y"], d1, b), a)
     assert len({crypto.hash_to_curve("x", d) for d in (d1, d2, d3)}) == 3
     assert crypto.hash_and_blind(["x"], d1, a) != crypto.hash_and_blind(["x"], d1, b)
+
+
+class CountingExecutor:
+    """In-process executor that counts the rows it blinds (one scalar multiplication each)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    workers = 1
+
+    def map_batches(self, fn: Any, batches: Any) -> Any:
+        for b in batches:
+            self.rows += len(b) // 32 if isinstance(b, bytes) else len(b)
+            yield fn(b)
+
+    def close(self) -> None:
+        pass
+
+
+def test_waterfall_costs_at_most_one_single_key_run_per_type() -> None:
+    order = ["phone", "email"]
+    a = {"phone": [f"p{i}" if i % 3 else None for i in range(60)], "email": [f"e{i}" for i in range(60)]}
+    b = {"phone": [f"p{i}" for i in range(30, 90)], "email": [f"e{i}" if i % 2 else None for i in range(30, 90)]}
+    base = SessionParams("w", "agr", "job", "phone", Mode.match)
+    ca, cb = CountingExecutor(), CountingExecutor()
+    req = WaterfallRequester(base, order, {t: PreparedItems.from_values(t, v) for t, v in a.items()}, ca)
+    resp = WaterfallResponder(base, order, {t: PreparedItems.from_values(t, v) for t, v in b.items()}, cb)
+    exchange(req, resp, req.start())
+    single = 0
+    for t in order:
+        p = SessionParams(f"s-{t}", "agr", "job", t, Mode.match)
+        sa, sb = CountingExecutor(), CountingExecutor()
+        r = Requester(p, PreparedItems.from_values(t, a[t]), sa)
+        s = Responder(p, PreparedItems.from_values(t, b[t]), sb)
+        exchange(r, s, [r.hello(), *r.round_one()])
+        single += sa.rows + sb.rows
+    assert 0 < ca.rows + cb.rows <= single
