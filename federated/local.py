@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -107,6 +108,7 @@ class _Wire:
     def __init__(self, conns: dict[str, Connection]) -> None:
         self.conns = conns
         self.bytes_sent = 0
+        self.allow_eof = False  # set once this party only waits for peers that may have finished
         self._closed: set[Connection] = set()
         self._queues: dict[str, queue.Queue[bytes | None]] = {}
         self._threads = []
@@ -141,6 +143,9 @@ class _Wire:
             try:
                 return m.decode(conn.recv_bytes())
             except EOFError:
+                if not self.allow_eof:
+                    peer = next(p for p, c in self.conns.items() if c is conn)
+                    raise errors.RemoteError(f"{peer} ended before the protocol did") from None
                 self._closed.add(conn)
 
     def close(self) -> None:
@@ -150,7 +155,12 @@ class _Wire:
             t.join(timeout=60)
 
 
+def _sigterm(*_: Any) -> None:
+    raise SystemExit(143)  # run the finally blocks: shut the worker pool down
+
+
 def _party_main(kind: str, name: str, spec: dict[str, Any], conns: dict[str, Connection], result: Connection) -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
     wire = None
     try:
         wire = _Wire(conns)
@@ -181,6 +191,7 @@ def _run_party(kind: str, name: str, spec: dict[str, Any], wire: _Wire) -> dict[
             msg = wire.recv()
             out = role.handle(msg)
             wire.send(out)
+            wire.allow_eof = role.finished  # hosts leave after sending their score shares
             if any(isinstance(x, m.Scores) for _, x in out):
                 return {"decrypted_values": role.decrypted_values, "losses": role.losses}
     executor = default_executor(spec.get("workers"))
@@ -202,6 +213,7 @@ def _run_party(kind: str, name: str, spec: dict[str, Any], wire: _Wire) -> dict[
     finally:
         executor.close()
     job = spec["job_id"]
+    wire.allow_eof = True
     if kind == "host":
         share = R.score_share(job_id=job, sender=name, request_id=EVAL_REQUEST, partial=R.host_partial(role.model(), X[test]),
                               mask_seeds=[role.mask_seed], role="host")
@@ -271,7 +283,11 @@ def run_local(guest: Path, hosts: Sequence[Path], *, id_col: str, label: str, te
         r_recv, r_send = ctx.Pipe(duplex=False)
         p = ctx.Process(target=_party_main, args=(kind, n, spec, ends[n], r_send), name=f"confide-vfl-{n}")
         p.start()
+        r_send.close()
         procs.append((n, p, r_recv))
+    for n in names:  # the children hold their ends now: a party that dies is seen as EOF by its peers
+        for c in ends[n].values():
+            c.close()
     t0 = time.perf_counter()
     try:
         pending = {r: n for n, _, r in procs}
