@@ -67,30 +67,9 @@ class ConsentEventIn(_Model):
     actor: str | None = Field(default=None, max_length=128, description="Default: subject (API) or import")
     received_at: dt.datetime | None = Field(default=None, description="Default: now")
 
-    # One before- and one after-validator per event (not one per field): imports validate
-    # 10^6 of these.
-    @model_validator(mode="before")
-    @classmethod
-    def _blank_is_none(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "" in data.values():
-            data = {k: v for k, v in data.items() if v != "" or k not in _OPTIONAL_TEXT}
-        return data
-
-    @model_validator(mode="after")
-    def _window(self) -> "ConsentEventIn":
-        # Written through __dict__: pydantic's __setattr__ is slow and these are not user input.
-        d = self.__dict__
-        for name in ("valid_from", "valid_until", "received_at"):
-            if d[name] is not None:
-                d[name] = as_utc(d[name])
-        if self.valid_until is not None:
-            start = self.valid_from or self.received_at
-            if start is not None and self.valid_until <= start:
-                raise ValueError("valid_until: must be after valid_from")
-        return self
-
-
-_OPTIONAL_TEXT = ("recipient", "identifier", "notice_version", "actor", "valid_from", "valid_until", "received_at")
+    # No Python validators here: imports validate 10^6 of these and each validator call costs
+    # more than pydantic's own parsing. The store normalises times to UTC, treats blank text as
+    # absent and checks valid_until > valid_from (naming the field) when it records the event.
 
 
 class ConsentEventBatchIn(_Model):

@@ -299,6 +299,7 @@ class _Prepared:
     recipient: str
     received_at: dt.datetime
     valid_from: dt.datetime
+    valid_until: dt.datetime | None
     actor: str
     content_hash: str
     texts: tuple[str, str, str]  # received_at, valid_from, valid_until as canonical text
@@ -527,6 +528,11 @@ class ConsentStore:
                 if len(new_ids) < 1000:
                     new_ids.extend(ids[: 1000 - len(new_ids)])
                 withdrawals.extend(wd)
+            if ctx.pg and recorded >= 50_000:
+                # Fresh planner statistics, or PostgreSQL scans the whole projection for a
+                # 1,000-subject gate call right after a bulk import.
+                session.execute(text("ANALYZE consent_state"))
+                session.execute(text("ANALYZE consent_events"))
         errors = self._fire_withdrawals(withdrawals)
         return RecordResult(recorded=recorded, duplicates=duplicates, event_ids=new_ids, hook_errors=errors)
 
@@ -865,21 +871,25 @@ class _IngestContext:
 
     def prepare(self, label: str, e: ConsentEventIn, ref: str, default_actor: str,
                 received_at: dt.datetime | None = None) -> _Prepared:
+        if e.recipient == "" or e.notice_version == "" or e.identifier == "" or e.actor == "":
+            e = e.model_copy(update={k: None for k in ("recipient", "notice_version", "identifier", "actor")
+                                     if getattr(e, k) == ""})
         check_key = (e.purpose, e.recipient, e.action, e.notice_version)
         if check_key not in self._checked:
             self._check(label, e)
             self._checked.add(check_key)
-        rec_at = e.received_at or received_at or self.now
-        valid_from = e.valid_from or rec_at
-        if e.valid_until is not None and e.valid_until <= valid_from:
+        rec_at = as_utc(e.received_at) or received_at or self.now
+        valid_from = as_utc(e.valid_from) or rec_at
+        valid_until = as_utc(e.valid_until)
+        if valid_until is not None and valid_until <= valid_from:
             raise ValidationError(
                 f"{label}.valid_until: must be after valid_from ({valid_from.isoformat()})", field=f"{label}.valid_until"
             )
         actor = e.actor or default_actor
         ident_ref = self.store._keys.ref("id:" + e.identifier) if e.identifier else ""
-        texts = (_sqlite_ts(rec_at), _sqlite_ts(valid_from), _sqlite_ts(e.valid_until) or "")
+        texts = (_sqlite_ts(rec_at), _sqlite_ts(valid_from), _sqlite_ts(valid_until) or "")
         digest = _event_hash(e, ref, ident_ref, texts[0], texts[1], texts[2], actor)
-        return _Prepared(e, label, ref, e.recipient or "", rec_at, valid_from, actor, digest, texts)
+        return _Prepared(e, label, ref, e.recipient or "", rec_at, valid_from, valid_until, actor, digest, texts)
 
     def _check(self, label: str, e: ConsentEventIn) -> None:
         """Validate what depends only on purpose, recipient, action and notice version."""
@@ -987,7 +997,7 @@ class _IngestContext:
             event_rows.append((
                 e.event_id, p.ref, e.purpose, p.recipient, e.action, e.legal_basis, e.channel, e.notice_version,
                 _pg_ts(p.valid_from) if pg else p.texts[1],
-                _pg_ts(e.valid_until) if pg else (p.texts[2] or None),
+                _pg_ts(p.valid_until) if pg else (p.texts[2] or None),
                 p.actor,
                 _pg_ts(p.received_at) if pg else p.texts[0],
                 ct, p.content_hash, batch_id,
@@ -997,7 +1007,7 @@ class _IngestContext:
             if cur is None or okey > cur[8]:
                 state_rows[k] = (
                     e.purpose, p.recipient, p.ref, e.action, e.event_id, e.notice_version, _us(p.valid_from),
-                    None if e.valid_until is None else _us(e.valid_until), okey,
+                    None if p.valid_until is None else _us(p.valid_until), okey,
                 )
         _bulk_insert(session, "consent_events", _EVENT_COLS, event_rows, self.pg)
         _upsert_state(session, list(state_rows.values()), self.pg)
