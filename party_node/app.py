@@ -73,6 +73,11 @@ def create_app(
     install_error_handlers(app)
     app.include_router(meta_router("node", lambda: {"name": node.identity.name, "role": node.identity.role}))
 
+    from consent.api import consent_router
+
+    # Consent and preferences: recorded by the party's own systems (signed as this node).
+    app.include_router(consent_router(lambda: node.consent), prefix="/v1/consent", dependencies=[Depends(OPERATOR)])
+
     # -- coordinator-facing ---------------------------------------------------------------------
     @app.post("/v1/steps")
     def start_step(body: StepRequest, peer: Peer = Depends(COORDINATOR)) -> dict[str, Any]:

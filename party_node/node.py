@@ -50,10 +50,20 @@ class Node:
             )
         if self.identity.role not in ("brand", "partner"):
             raise ValidationError(f"identity {self.identity.name!r} has role {self.identity.role!r}, not a party")
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(settings.resolved_database_url("node.db"))
         ensure_schema(self.engine)
         self.factory: sessionmaker[Session] = session_factory(self.engine)
         self.audit = NodeAudit(self.factory, self.identity)
+        from consent.store import ConsentStore, load_or_create_secret
+
+        # The consent gate every job calls before data moves; its secret never leaves the node.
+        self.consent = ConsentStore(
+            self.factory,
+            secret_key=load_or_create_secret(settings.data_dir / "consent.key"),
+            recipients=(),
+            audit=self.audit,
+        )
         self._coordinator_transport = coordinator_transport
         self._certs: dict[str, pki.CertInfo] = {}
         self._last_refresh = -1e9
@@ -120,6 +130,8 @@ class Node:
                 certs[pinfo.name] = pinfo
         with self._keys_lock:
             self._certs.update(certs)
+        # Consent may name any other registered party as recipient.
+        self.consent.recipients = frozenset(n for n in certs if n not in ("coordinator", self.identity.name))
 
     def verified_keys(self, names: list[str]) -> dict[str, ed25519.Ed25519PublicKey]:
         out: dict[str, ed25519.Ed25519PublicKey] = {}
