@@ -132,6 +132,29 @@ def stage_ingest(run: DemoRun, progress: Progress) -> None:
                 ["party", "dataset", "rows", "time"])
 
 
+def stage_consent(run: DemoRun, progress: Progress) -> None:
+    """Each node imports its own consent records (events against exact notice versions)."""
+    from consent.cli import open_store
+    from consent.importer import import_file, read_notices
+
+    from confide.settings import NodeSettings, load_settings
+
+    assert run.net is not None
+    rows = []
+    for party in (BRAND, PARTNER):
+        settings = load_settings(NodeSettings, run.net.config(party))
+        other = PARTNER if party == BRAND else BRAND
+        store = open_store(settings.database_url, settings.data_dir, None, [other])
+        for notice in read_notices(run.out / "data" / f"{party}_notices.yaml"):
+            store.register_notice(notice)
+        t0 = time.perf_counter()
+        result = import_file(store, run.out / "data" / f"{party}_consent.csv")
+        rows.append([party, f"{result.recorded:,}", f"{result.duplicates:,}", f"{time.perf_counter() - t0:.1f}s"])
+    run.section("Consent", "Each node imported its consent events (granted / refused / withdrawn, per purpose, "
+                "against the notice version shown); the gate answers from them before any data moves.",
+                rows, ["party", "events recorded", "duplicates", "time"])
+
+
 def agreement_spec(run: DemoRun) -> dict[str, Any]:
     from confide.agreements import JOB_TYPES
 
@@ -203,6 +226,7 @@ STAGES: list[tuple[str, Callable[[DemoRun, Progress], None]]] = [
     ("start services (mTLS)", stage_services),
     ("register parties", stage_register),
     ("ingest datasets", stage_ingest),
+    ("import consent records", stage_consent),
     ("propose and sign agreement", stage_agreement),
     ("dataset-stats job", stage_dataset_stats),
 ]
