@@ -65,7 +65,7 @@ class PartyHello(_Msg):
     slot_bits: int = Field(ge=8, le=1024)
     ciphers_per_row: int = Field(ge=0, le=64)
     config_digest: str = Field(min_length=64, max_length=64)
-    mask_seed: str = Field(default="", max_length=64)
+    mask_seed: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
 
 
 class FeatureCiphers(_Msg):

@@ -371,6 +371,11 @@ class _Party:
     def _batch_order(self, epoch: int) -> np.ndarray:
         return _hash_order(len(self.batches), self.config.seed, f"epoch:{epoch}")
 
+    def _position(self, epoch: int, batch: int) -> int:
+        """Where batch id `batch` comes in `epoch`'s order (-1 if there is no such batch)."""
+        hits = np.nonzero(self._batch_order(epoch) == batch)[0]
+        return int(hits[0]) if len(hits) else -1
+
     def _weighted_sum(self, peer: str, idx: np.ndarray, exps: list[int]) -> bytes:
         """[[X_peer[idx]^T e]] for this party's exponents e, rerandomized, as bytes."""
         assert self.pub is not None and self.pool is not None
@@ -392,16 +397,20 @@ class _Party:
     def _on_grad_part(self, msg: Any, senders: Sequence[str]) -> list[Outgoing]:
         self._check(msg, senders)
         if self.stage != "train":
-            if self.stage == "setup":
+            # A peer may finish setup, or see the arbiter's EpochDone, before we do.
+            if self.stage == "setup" or (self.stage == "wait_epoch" and msg.epoch == self.epoch + 1
+                                         and self._position(msg.epoch, msg.batch) == 0):
+                if len(self.early) >= 64:
+                    raise ProtocolError(f"too many early messages from {msg.sender}")
                 self.early.append(msg)
                 return []
             raise ProtocolError(f"{msg.kind} from {msg.sender} while {self.stage}")
         cur = self.cur
         assert cur is not None
-        key = (msg.epoch, msg.batch)
-        if key != (cur.epoch, cur.batch):
-            # A peer may be one batch ahead of us; anything else is a replay or a bug.
-            if key > (cur.epoch, cur.batch) and len(self.early) < 16:
+        if (msg.epoch, msg.batch) != (cur.epoch, cur.batch):
+            # A peer may be one batch ahead of us (batch ids follow the epoch's shuffled order);
+            # anything else is a replay or a bug.
+            if msg.epoch == cur.epoch and self._position(msg.epoch, msg.batch) > self.batch_pos and len(self.early) < 64:
                 self.early.append(msg)
                 return []
             raise ProtocolError(f"{msg.kind} for epoch {msg.epoch} batch {msg.batch} from {msg.sender}; expected {cur.epoch}/{cur.batch}")

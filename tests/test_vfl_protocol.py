@@ -257,3 +257,30 @@ def test_scores_reach_only_the_guest_and_shares_are_masked(breast: dict[str, Any
     assert to == "brand" and isinstance(scores, m.Scores)
     got = np.frombuffer(scores.data, dtype=">f8")
     assert np.allclose(got, 1 / (1 + np.exp(-(ug + uh))), atol=1e-6)
+
+
+def test_any_interleaving_of_senders_gives_the_same_model(breast: dict[str, Any], keypair: Any) -> None:
+    """The relay keeps each sender's order but not the order between senders: deliver from a
+    random (sender, recipient) queue each step, so peers run a batch ahead, or into the next
+    epoch before the arbiter's EpochDone reaches us."""
+    import random
+
+    cfg = _cfg(max_epochs=3, batch_size=64)
+    data = {k: v[:200] for k, v in breast.items()}
+    wg, wh, _ = _oracle(data["Xg"], data["y"], data["Xh"], cfg)
+    for seed in (1, 2):
+        roles = _roles(data, cfg, keypair, [data["Xh"]])
+        queues: dict[tuple[str, str], list[m._Msg]] = defaultdict(list)
+        rnd = random.Random(seed)
+
+        def push(out: list[R.Outgoing], sender: str) -> None:
+            for to, msg in out:
+                queues[(sender, to)].append(m.decode(m.encode(msg)))
+
+        push(roles["coord"].start(), "coord")
+        while any(queues.values()):
+            key = rnd.choice([k for k, v in queues.items() if v])
+            push(roles[key[1]].handle(queues[key].pop(0)), key[1])
+        assert roles["brand"].done and roles["p1"].done
+        assert np.allclose(roles["brand"].w, wg, atol=1e-5, rtol=0)
+        assert np.allclose(roles["p1"].w, wh, atol=1e-5, rtol=0)
