@@ -125,6 +125,11 @@ def create_app(
         with node.coordinator() as c:
             return c.get(f"/v1/jobs/{job_id}")
 
+    @app.get("/v1/admin/jobs/{job_id}/private")
+    def private_results(job_id: str, peer: Peer = Depends(OPERATOR)) -> Any:
+        """What this node's steps of the job produced for this party alone (never sent to the coordinator)."""
+        return node.private_results(job_id)
+
     @app.post("/v1/admin/jobs/{job_id}/cancel")
     def cancel_job(job_id: str, peer: Peer = Depends(OPERATOR)) -> Any:
         with node.coordinator() as c:

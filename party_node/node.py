@@ -28,7 +28,7 @@ from confide.pki import Identity
 from confide.settings import NodeSettings
 from confide.transport import ServiceClient
 from party_node.audit import NodeAudit
-from party_node.steps import StepContext, executor_for
+from party_node.steps import PRIVATE, StepContext, executor_for
 from party_node.storage import ensure_schema
 from party_node.storage.models import SignedAgreementRecord, StepRecord, utcnow
 
@@ -263,7 +263,7 @@ class Node:
                                  attempt=int(body.get("attempt", 1)))
                 s.add(rec)
             else:  # interrupted or cancelled before: run again
-                rec.status, rec.error, rec.result = "running", None, None
+                rec.status, rec.error, rec.result, rec.private_result = "running", None, None, None
                 rec.attempt = int(body.get("attempt", rec.attempt + 1))
                 rec.started_at, rec.finished_at = utcnow(), None
             self.audit.append("step.started", {"job_id": job_id, "step": step, "job_type": job_type,
@@ -290,11 +290,13 @@ class Node:
             self._running.pop((ctx.job_id, ctx.step), None)
         if ctx.cancelled.is_set():
             status, result, error = "cancelled", None, "cancelled"
+        private = result.pop(PRIVATE, None) if isinstance(result, dict) else None
         with session_scope(self.factory) as s:
             rec = s.get(StepRecord, (ctx.job_id, ctx.step))
             if rec is None:
                 return
             rec.status, rec.result, rec.error, rec.finished_at = status, result, error, utcnow()
+            rec.private_result = private
             self.audit.append(f"step.{status}", {"job_id": ctx.job_id, "step": ctx.step,
                                                  **({"error": error} if error else {})}, session=s)
 
@@ -304,6 +306,12 @@ class Node:
             if rec is None:
                 raise NotFound(f"no step {step!r} of job {job_id!r} at this node")
             return {"status": rec.status, "attempt": rec.attempt, "result": rec.result, "error": rec.error}
+
+    def private_results(self, job_id: str) -> dict[str, Any]:
+        """Results of a job's steps at this node that only this party's operator may see."""
+        with session_scope(self.factory) as s:
+            rows = s.scalars(select(StepRecord).where(StepRecord.job_id == job_id))
+            return {r.step: r.private_result for r in rows if r.private_result is not None}
 
     def cancel_step(self, job_id: str, step: str) -> dict[str, Any]:
         ev = self._running.get((job_id, step))

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from party_node.node import Node
 
 Executor = Callable[["StepContext"], dict[str, Any]]
+# A step result may carry, under this key, what stays at the node for its own operator only
+# (e.g. the overlap size the brand asked for): it is stored locally, never sent to the coordinator.
+PRIVATE = "_private"
 
 
 @dataclass

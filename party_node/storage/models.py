@@ -43,7 +43,10 @@ class StepRecord(NodeBase):
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(20), doc="running|succeeded|failed|interrupted|cancelled")
     attempt: Mapped[int] = mapped_column(Integer, default=1)
-    result: Mapped[dict | None] = mapped_column(JSON, default=None)
+    result: Mapped[dict | None] = mapped_column(JSON, default=None, doc="what the coordinator may see")
+    private_result: Mapped[dict | None] = mapped_column(
+        JSON, default=None, doc="what only this party's operator may see (e.g. the overlap it requested)"
+    )
     error: Mapped[str | None] = mapped_column(Text, default=None)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)

@@ -1,8 +1,8 @@
 """node schema
 
-Revision ID: 4a3cab24608e
+Revision ID: 986e24011998
 Revises: 
-Create Date: 2026-11-27 07:24:13.073390
+Create Date: 2026-11-27 07:50:07.759472
 """
 from typing import Sequence, Union
 
@@ -10,7 +10,7 @@ from alembic import op
 import sqlalchemy as sa
 import sqlalchemy as sa
 
-revision: str = '4a3cab24608e'
+revision: str = '986e24011998'
 down_revision: Union[str, None] = None
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
@@ -56,6 +56,7 @@ def upgrade() -> None:
     sa.Column('status', sa.String(length=20), nullable=False),
     sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('result', sa.JSON(), nullable=True),
+    sa.Column('private_result', sa.JSON(), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
