@@ -1,11 +1,12 @@
 """Benchmark of `confide node ingest`: a 1M-row member CSV into SQLite and PostgreSQL.
 
-    .venv/bin/python bench/ingest_bench.py [--rows 1000000] [--no-postgres] [--no-results]
+    .venv/bin/python bench/ingest_bench.py [--rows 1000000] [--parquet] [--no-postgres] [--no-results]
 
 Generates a realistic brand member file with numpy (16 columns: key, 3 identifiers, 10
 features, 2 labels, plus one undeclared column that ingest must ignore), times `ingest` on a
-fresh SQLite file and on a fresh PostgreSQL database, prints seconds and rows/s, and writes
-the numbers into the "Ingest" section of bench/RESULTS.md (other sections are kept).
+fresh SQLite file and on a fresh PostgreSQL database (with --parquet also the same rows as a
+Parquet file into SQLite), prints seconds and rows/s, and writes the numbers into the "Ingest"
+section of bench/RESULTS.md (other sections are kept).
 """
 
 from __future__ import annotations
@@ -166,22 +167,22 @@ def _bench_postgres(data: Path, schema: DatasetSchema) -> tuple[float, int]:
 
 
 def _write_results(path: Path, body: str) -> None:
-    """Replace (or add) our section of RESULTS.md, keeping every other section as it is."""
+    """Replace our section of RESULTS.md in place (or append it), keeping every other section."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = old.splitlines()
-    out: list[str] = []
-    skipping = False
-    for line in lines:
-        if line.strip() == SECTION:
-            skipping = True
-            continue
-        if skipping and line.startswith("## "):
-            skipping = False
-        if not skipping:
-            out.append(line)
-    while out and not out[-1].strip():
-        out.pop()
-    path.write_text("\n".join(out) + "\n\n" + body.rstrip() + "\n")
+    ours = [i for i, line in enumerate(lines) if line.strip() == SECTION]
+    if not ours:
+        text = old.rstrip() + "\n\n" + body.rstrip() + "\n"
+    else:
+        begin = ours[0]
+        after = next(
+            (i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        rest = "\n".join(lines[after:])
+        text = (
+            "\n".join(lines[:begin]) + "\n" + body.rstrip() + "\n" + ("\n" + rest if rest else "")
+        )
+    path.write_text(text.rstrip() + "\n")
 
 
 def main() -> None:
@@ -190,12 +191,20 @@ def main() -> None:
     )
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument("--parquet", action="store_true", help="also time the same data as Parquet")
     ap.add_argument("--no-results", action="store_true", help="do not touch bench/RESULTS.md")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
     ap.add_argument("--generate-only", type=Path, metavar="CSV", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.generate_only:
         make_members_csv(args.generate_only, args.rows)
+        if args.parquet:
+            import pyarrow.parquet as pq
+
+            table = pcsv.read_csv(args.generate_only)
+            pq.write_table(
+                table, args.generate_only.with_suffix(".parquet"), row_group_size=100_000
+            )
         return
 
     schema = parse_schema(SCHEMA, source="bench schema")
@@ -204,7 +213,8 @@ def main() -> None:
         t0 = time.perf_counter()
         # In a child process, so that this process's peak RSS is that of ingest alone.
         subprocess.run(
-            [sys.executable, __file__, "--rows", str(args.rows), "--generate-only", str(data)],
+            [sys.executable, __file__, "--rows", str(args.rows), "--generate-only", str(data)]
+            + (["--parquet"] if args.parquet else []),
             check=True,
         )
         mb = data.stat().st_size / 1e6
@@ -217,6 +227,12 @@ def main() -> None:
         seconds, rows = _time_ingest(f"sqlite:///{Path(tmp) / 'node.db'}", data, schema)
         results.append(("SQLite (file, WAL)", seconds, rows))
         print(f"SQLite:     {seconds:6.1f} s  {rows / seconds:>10,.0f} rows/s")
+        if args.parquet:
+            seconds, rows = _time_ingest(
+                f"sqlite:///{Path(tmp) / 'node_pq.db'}", data.with_suffix(".parquet"), schema
+            )
+            results.append(("SQLite, Parquet input", seconds, rows))
+            print(f"SQLite (Parquet input): {seconds:6.1f} s  {rows / seconds:>10,.0f} rows/s")
         if not args.no_postgres:
             seconds, rows = _bench_postgres(data, schema)
             results.append(("PostgreSQL (local, COPY)", seconds, rows))
@@ -235,7 +251,7 @@ def main() -> None:
 declared columns: key, 3 identifiers, 10 features, 2 labels; 1 undeclared column ignored),
 validated and loaded in one transaction with the default 200,000-row chunks. Time includes
 hashing the file, validation, the key index and the catalog row. Peak RSS of the ingesting
-process (both runs, file generated in a child process): {peak_mb:.0f} MB.
+process (all runs, file generated in a child process): {peak_mb:.0f} MB.
 Machine: {os.cpu_count()} cores (shared with other work; 1-min load average {load:.1f} at the end), {platform.machine()}, Python
 {platform.python_version()}; run {now}.
 
