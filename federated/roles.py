@@ -239,8 +239,10 @@ class _Party:
     role: str = ""
 
     def __init__(self, name: str, job_id: str, config: TrainConfig, X: Any, *, join_keys: Sequence[str],
-                 peers: Sequence[str], arbiter: str, executor: Executor | None = None) -> None:
+                 peers: Sequence[str], arbiter: str, executor: Executor | None = None,
+                 obfuscators: pl.ObfuscatorPool | None = None) -> None:
         config.check_keys()
+        self._ahead = obfuscators
         self.name, self.job_id, self.config, self.arbiter = name, job_id, config, arbiter
         self.peers = list(peers)
         if name in self.peers or arbiter in self.peers or name == arbiter:
@@ -297,6 +299,9 @@ class _Party:
         for row in Xi.tolist():
             for k in range(0, len(row), per):
                 plains.append(pl.pack(row[k : k + per], self.slot_bits))
+        assert self.pool is not None
+        if len(self.pool) >= len(plains):  # obfuscators computed ahead: encryption is two multiplications
+            return pl.encrypt(self.pub, plains, self.pool)
         return pl.encrypt_parallel(self.pub, plains, self.executor)
 
     def _feature_messages(self, ciphers: list[Any]) -> list[m.FeatureCiphers]:
@@ -320,7 +325,8 @@ class _Party:
         if n.bit_length() != msg.key_bits or msg.key_bits < self.config.key_bits:
             raise ProtocolError(f"arbiter key of {n.bit_length()} bits, the configuration asks for {self.config.key_bits}")
         self.pub = pl.PublicKey(n)
-        self.pool = pl.ObfuscatorPool(self.pub, self.executor)
+        ahead = self._ahead
+        self.pool = ahead if ahead is not None and ahead.pub.n == n else pl.ObfuscatorPool(self.pub, self.executor)
         self._t0 = time.perf_counter()
         self.stage = "setup"
 
@@ -535,7 +541,8 @@ class _Party:
         if snap.get("config_digest") != self.config.digest():
             raise ValidationError("snapshot was taken under another training configuration")
         self.pub = pl.PublicKey(int(snap["n"]))
-        self.pool = pl.ObfuscatorPool(self.pub, self.executor)
+        ahead = self._ahead
+        self.pool = ahead if ahead is not None and ahead.pub.n == self.pub.n else pl.ObfuscatorPool(self.pub, self.executor)
         self.w = np.array(snap["w"], dtype=np.float64)
         self.losses = list(snap["losses"])
         self.epoch = int(snap["epoch"])
@@ -584,7 +591,8 @@ class GuestRole(_Party):
     role = "guest"
 
     def __init__(self, name: str, job_id: str, config: TrainConfig, X: Any, y: Any, *, join_keys: Sequence[str],
-                 hosts: Sequence[str], arbiter: str, executor: Executor | None = None) -> None:
+                 hosts: Sequence[str], arbiter: str, executor: Executor | None = None,
+                 obfuscators: pl.ObfuscatorPool | None = None) -> None:
         Xg = check_features(X, f"guest {name}")
         self.y = check_labels(y)
         if len(self.y) != len(Xg):
@@ -592,7 +600,7 @@ class GuestRole(_Party):
         if not hosts:
             raise ValidationError("vertical training needs at least one host; use train_guest_only() otherwise")
         super().__init__(name, job_id, config, np.hstack([Xg, np.ones((len(Xg), 1))]), join_keys=join_keys,
-                         peers=hosts, arbiter=arbiter, executor=executor)
+                         peers=hosts, arbiter=arbiter, executor=executor, obfuscators=obfuscators)
         self.hosts = list(hosts)
         self._pending_hellos: list[m.PartyHello] = []
 
@@ -683,10 +691,10 @@ class HostRole(_Party):
 
     def __init__(self, name: str, job_id: str, config: TrainConfig, X: Any, *, join_keys: Sequence[str],
                  guest: str, hosts: Sequence[str], arbiter: str, executor: Executor | None = None,
-                 mask_seed: str | None = None) -> None:
+                 mask_seed: str | None = None, obfuscators: pl.ObfuscatorPool | None = None) -> None:
         others = [h for h in hosts if h != name]
         super().__init__(name, job_id, config, X, join_keys=join_keys, peers=[guest, *others], arbiter=arbiter,
-                         executor=executor)
+                         executor=executor, obfuscators=obfuscators)
         self.guest = guest
         self.other_hosts = others
         self.mask_seed = mask_seed or secrets.token_hex(32)

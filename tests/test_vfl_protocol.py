@@ -284,3 +284,30 @@ def test_any_interleaving_of_senders_gives_the_same_model(breast: dict[str, Any]
         assert roles["brand"].done and roles["p1"].done
         assert np.allclose(roles["brand"].w, wg, atol=1e-5, rtol=0)
         assert np.allclose(roles["p1"].w, wh, atol=1e-5, rtol=0)
+
+
+def test_obfuscators_computed_ahead_are_used_for_setup(breast: dict[str, Any], keypair: Any) -> None:
+    """With a long-lived arbiter key, nodes can fill their pools before the job: setup then
+    computes no r^n at all (each batch needs one more per party, for rerandomizing)."""
+    cfg = _cfg(max_epochs=1)
+    data = {k: v[:200] for k, v in breast.items()}
+    pub = keypair[0]
+    pools = {p: pl.ObfuscatorPool(pub) for p in ("brand", "p1")}
+    for pool in pools.values():
+        pool.fill(2 * 200 + 2)  # up to two ciphertexts per row at 1024 bits, plus rerandomizing
+    hosts = ["p1"]
+    roles: dict[str, Any] = {
+        "brand": R.GuestRole("brand", JOB, cfg, data["Xg"], data["y"], join_keys=data["ids"], hosts=hosts,
+                             arbiter="coord", obfuscators=pools["brand"]),
+        "p1": R.HostRole("p1", JOB, cfg, data["Xh"], join_keys=data["ids"], guest="brand", hosts=hosts,
+                         arbiter="coord", obfuscators=pools["p1"]),
+        "coord": R.ArbiterRole("coord", JOB, cfg, guest="brand", hosts=hosts, rows=200, keypair=keypair),
+    }
+    run_in_memory(roles, roles["coord"].start())
+    wg, wh, _ = _oracle(data["Xg"], data["y"], data["Xh"], cfg)
+    assert np.allclose(roles["brand"].w, wg, atol=1e-5, rtol=0)
+    assert np.allclose(roles["p1"].w, wh, atol=1e-5, rtol=0)
+    for name, pool in pools.items():
+        peer_ciphers = sum(p.ciphers_per_row for p in roles[name].peer.values())
+        used = 200 * roles[name].cpr + len(roles[name].batches) * peer_ciphers
+        assert pool.generated == 402 and len(pool) == 402 - used
