@@ -57,11 +57,11 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import TypeEngine
 
-from confide.errors import Conflict, NotFound, ValidationError
+from confide.errors import ConfigurationError, Conflict, NotFound, ValidationError
 from party_node.storage.base import DATA_TABLE_PREFIX, NodeBase
 
 __all__ = [
@@ -1024,7 +1024,14 @@ def ingest(
                 query = (
                     query.with_for_update()
                 )  # a concurrent replace waits, then makes the next version
-            old = conn.execute(query).one_or_none()
+            try:
+                old = conn.execute(query).one_or_none()
+            except (OperationalError, ProgrammingError) as exc:  # no catalog table
+                reason = str(exc.orig).splitlines()[0]
+                raise ConfigurationError(
+                    f"cannot read the dataset catalog ({reason}); bring the node database to the "
+                    "newest schema first (party_node.storage.ensure_schema)"
+                ) from exc
             if old is not None and not replace:
                 raise Conflict(
                     f"dataset {schema.dataset!r} already exists (version {old.version}, {old.row_count} rows); "

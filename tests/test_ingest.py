@@ -171,7 +171,9 @@ def test_bad_schema_names_file_and_field(
 
 def test_schema_sections_may_be_empty(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
-    path.write_text("dataset: leads\nkey: lead_id\nidentifiers:\n  - {column: phone, type: phone}\nlabels:\n")
+    path.write_text(
+        "dataset: leads\nkey: lead_id\nidentifiers:\n  - {column: phone, type: phone}\nlabels:\n"
+    )
 
     schema = load_schema(path)
 
@@ -759,5 +761,21 @@ def test_nul_character_is_refused_on_every_database(
     with pytest.raises(ValidationError) as err:
         ingest(engine, data, schema)
 
-    assert err.value.message.startswith(f"{data}: row 2 (line 3), column 'tier': text contains a NUL")
+    assert err.value.message.startswith(
+        f"{data}: row 2 (line 3), column 'tier': text contains a NUL"
+    )
     assert content_tables(engine) == []
+
+
+def test_missing_catalog_is_a_configuration_error(
+    db_url: str, schema: DatasetSchema, tmp_path: Path
+) -> None:
+    from confide.errors import ConfigurationError
+
+    engine = make_engine(db_url)  # no tables created
+    try:
+        with pytest.raises(ConfigurationError, match="cannot read the dataset catalog"):
+            ingest(engine, write_csv(tmp_path / "m.csv", GOOD_ROWS), schema)
+        assert content_tables(engine) == []
+    finally:
+        engine.dispose()
