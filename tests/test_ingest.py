@@ -558,16 +558,6 @@ def _cli() -> typer.Typer:
     return app
 
 
-@pytest.fixture
-def catalog_by_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CLI migrates with `ensure_schema`; here the models stand in for the migrations, so
-    these tests cover the command itself, not the (separately tested) migrations."""
-    from party_node import storage
-
-    monkeypatch.setattr(storage, "ensure_schema", NodeBase.metadata.create_all, raising=False)
-
-
-@pytest.mark.usefixtures("catalog_by_models")
 def test_cli_ingest_with_data_dir_prints_json(tmp_path: Path) -> None:
     data = write_csv(tmp_path / "m.csv", GOOD_ROWS)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(SCHEMA))
@@ -598,7 +588,6 @@ def test_cli_ingest_with_data_dir_prints_json(tmp_path: Path) -> None:
     engine.dispose()
 
 
-@pytest.mark.usefixtures("catalog_by_models")
 def test_cli_errors_are_confide_errors(tmp_path: Path) -> None:
     data = write_csv(tmp_path / "m.csv", GOOD_ROWS)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(SCHEMA))
