@@ -221,6 +221,8 @@ def append_results(path: Path, r: dict) -> None:
         f"(extrapolated from {f['rows_timed']} rows of one batch: {f['seconds_rows']:.1f} s, + {f['seconds_per_batch_fixed']:.2f} s "
         f"fixed per batch x {f['batches_per_epoch']}) | no setup |",
         f"| (c) scikit-learn LR, pooled | {s['auc']:.4f} | {s['guest_only_auc']:.4f} | | {s['seconds']:.1f} s |",
+        f"| guest alone, exact LR at the guest (`guest_only_exact_lr_auc`) | | "
+        f"{c.get('guest_only_exact_lr_auc', float('nan')):.4f} | | |",
         f"| Taylor-loss schedule in plaintext, pooled (oracle) | {o['auc']:.4f} | | | {o['epochs']} epochs |",
         "",
         f"Epoch speed-up (b)/(a): {r['speedup_epoch']:.0f}x. AUC gap to (c): {r['auc_gap_vs_sklearn']:+.4f} "

@@ -64,6 +64,7 @@ def local(
     t.add_column("guest only", justify="right")
     for k in ("auc", "ks", "pr_auc", "lift_top_decile", "brier", "ece"):
         t.add_row(k, f"{report[k]:.4f}", f"{report['guest_only'][k]:.4f}")
+    t.add_row("auc, guest alone with exact LR", "", f"{report['guest_only_exact_lr_auc']:.4f}")
     Console().print(t)
     Console().print(
         f"{report['epochs']} epochs ({report['stop_reason']}), {report['seconds_per_epoch']:.2f} s/epoch, "
