@@ -285,3 +285,27 @@ def test_waterfall_costs_at_most_one_single_key_run_per_type() -> None:
         exchange(r, s, [r.hello(), *r.round_one()])
         single += sa.rows + sb.rows
     assert 0 < ca.rows + cb.rows <= single
+
+
+raw_phone = st.one_of(
+    st.integers(0, 30).map(lambda i: f"138 0000 {i:04d}"),  # valid, messy
+    st.integers(0, 30).map(lambda i: f"+86-1380000{i:04d}"),  # same numbers, other format
+    st.sampled_from(["", "garbage", "12345", "1380000", "+86", "１２３"]),  # invalid
+)
+
+
+@given(st.lists(raw_phone, max_size=20), st.lists(raw_phone, max_size=20))
+@settings(max_examples=20, deadline=None)
+def test_cardinality_with_invalid_identifiers_matches_normalised_oracle(ra: list[str], rb: list[str]) -> None:
+    from psi.normalize import normalize
+
+    def prep(raw: list[str]) -> PreparedItems:
+        subjects = [f"s{i}" for i in range(len(raw))]
+        return prepare_party(PartyData(subjects, {"phone": list(raw)}), SetGate(set(subjects)),
+                             purpose="audience.overlap", recipient=None, at=NOW, id_types=["phone"]).items["phone"]
+
+    want = {v for v in normalize("phone", ra).values if v} & {v for v in normalize("phone", rb).values if v}
+    p = SessionParams("h", "agr", "job", "phone", Mode.cardinality)
+    req, resp = Requester(p, prep(ra)), Responder(p, prep(rb))
+    exchange(req, resp, [req.hello(), *req.round_one()])
+    assert req.outcome is not None and req.outcome.intersection_size == len(want)
