@@ -13,6 +13,7 @@ the gate does not allow are dropped before any identifier is even normalised.
 
 from __future__ import annotations
 
+import array
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -40,7 +41,7 @@ class PreparedItems:
         """Items from already-gated values (`None` = skip), de-duplicated."""
         index: dict[str, int] = {}
         vals: list[str] = []
-        first: list[int] = []
+        first = array.array("q")  # 8 bytes a row, not a Python int object each
         extra: dict[int, list[int]] = {}
         for r, v in enumerate(values):
             if v is None:
@@ -51,7 +52,8 @@ class PreparedItems:
                 first.append(r)
             else:
                 extra.setdefault(i, []).append(r)
-        return cls(id_type, vals, np.asarray(first, dtype=np.int64), extra)
+        del index
+        return cls(id_type, vals, np.frombuffer(first, dtype=np.int64).copy(), extra)
 
     def rows_of(self, i: int) -> list[int]:
         """All input rows carrying distinct value i."""

@@ -145,10 +145,11 @@ def _party(
         t = threading.Thread(target=sender, daemon=True)
         t.start()
 
-        def send(msgs: Sequence[Any]) -> None:
+        def send(msgs: list[Any]) -> None:
             nonlocal sent
-            for m in msgs:
-                w = encode(m)
+            msgs.reverse()
+            while msgs:  # drop each message once encoded: one copy of a round in memory
+                w = encode(msgs.pop())
                 sent += len(w)
                 outq.put(w)
 
@@ -156,7 +157,7 @@ def _party(
             if role == "requester":
                 r: Requester | Responder = Requester(params, items, executor)
                 send([r.hello()])
-                send(r.round_one())
+                send(list(r.round_one()))
                 phases["own_blinded"] = time.perf_counter() - t0
             else:
                 r = Responder(params, items, executor)
