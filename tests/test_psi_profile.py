@@ -99,3 +99,37 @@ def test_profile_agreed_vocabulary_hides_the_partners_own(key) -> None:
     got = {c.value: c.result for c in req.result.cells}
     assert set(got) == {"bj", "sh", "__other__"}
     assert sum(got.values()) == 120
+
+
+def test_profile_bad_masked_sum_refused_without_state_change(key) -> None:
+    import pickle
+
+    b, vals = _data(40)
+    spec = ProfileSpec(categorical=("city",), k_min=1)
+    p = SessionParams("p", "agr", "job", "phone", Mode.profile)
+    req = ProfileRequester(p, PreparedItems.from_values("phone", [f"u{i}" for i in range(100, 120)]), spec)
+    resp = ProfileResponder(p, PreparedItems.from_values("phone", b), vals, spec, paillier_key=key)
+    to_resp = [req.hello(), *req.round_one()]
+    to_req: list = []
+    masked = None
+    while to_resp or to_req:  # run until the requester emits its masked sum, hold it back
+        while to_resp:
+            m = to_resp.pop(0)
+            if isinstance(m, MaskedSum):
+                masked = m
+                continue
+            to_req.extend(resp.handle(decode(encode(m))))
+        while to_req:
+            to_resp.extend(req.handle(decode(encode(to_req.pop(0)))))
+    assert masked is not None
+    snap = pickle.dumps({k: v for k, v in vars(resp).items() if k not in ("executor", "_priv")})
+    for bad in (
+        MaskedSum(mode=masked.mode, session="p", seq=masked.seq, data=masked.data[:-1]),
+        MaskedSum(mode=masked.mode, session="p", seq=masked.seq, data=b"\x00" * len(masked.data)),
+        MaskedSum(mode=masked.mode, session="p", seq=masked.seq + 1, data=masked.data),
+    ):
+        with pytest.raises(ProtocolError):
+            resp.handle(decode(encode(bad)))
+        assert pickle.dumps({k: v for k, v in vars(resp).items() if k not in ("executor", "_priv")}) == snap
+    exchange(req, resp, [masked])
+    assert req.done and resp.done and req.result is not None and req.result.intersection_size == 20
