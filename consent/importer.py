@@ -106,14 +106,19 @@ def _csv_rows(name: str, fh: IO[str]) -> Iterator[tuple[str, ConsentEventIn]]:
     if missing:
         raise ValidationError(f"{name}: missing column(s) {', '.join(missing)}", field="columns")
     width = len(header)
+    validate = ConsentEventIn.model_validate
     for lineno, values in enumerate(reader, start=2):
-        if not values:
-            continue
         if len(values) != width:
+            if not values:
+                continue
             raise ValidationError(
                 f"{name} line {lineno}: expected {width} fields, found {len(values)}", field=f"line {lineno}"
             )
-        yield _parse(f"{name} line {lineno}", {k: v for k, v in zip(header, values) if v != ""})
+        row = {k: v for k, v in zip(header, values) if v}
+        try:
+            yield f"{name} line {lineno}", validate(row)
+        except PydanticValidationError as exc:
+            raise pydantic_error(exc, f"{name} line {lineno}") from None
 
 
 def _jsonl_rows(name: str, fh: IO[str]) -> Iterator[tuple[str, ConsentEventIn]]:

@@ -34,6 +34,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import itertools
 import operator
 import uuid
 from collections import Counter
@@ -51,7 +52,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from confide import db
-from confide.errors import ConfigurationError, Conflict, NotFound, ValidationError
+from confide.errors import ConfigurationError, Conflict, ValidationError
 from consent.gate import GateDecision
 from consent.models import (
     ConsentEvent,
@@ -878,9 +879,16 @@ class _IngestContext:
         if check_key not in self._checked:
             self._check(label, e)
             self._checked.add(check_key)
-        rec_at = as_utc(e.received_at) or received_at or self.now
-        valid_from = as_utc(e.valid_from) or rec_at
-        valid_until = as_utc(e.valid_until)
+        # Aware times are used as they are (any zone works for _us and _sqlite_ts); naive = UTC.
+        rec_at = e.received_at or received_at or self.now
+        if rec_at.tzinfo is None:
+            rec_at = rec_at.replace(tzinfo=dt.timezone.utc)
+        valid_from = e.valid_from or rec_at
+        if valid_from.tzinfo is None:
+            valid_from = valid_from.replace(tzinfo=dt.timezone.utc)
+        valid_until = e.valid_until
+        if valid_until is not None and valid_until.tzinfo is None:
+            valid_until = valid_until.replace(tzinfo=dt.timezone.utc)
         if valid_until is not None and valid_until <= valid_from:
             raise ValidationError(
                 f"{label}.valid_until: must be after valid_from ({valid_from.isoformat()})", field=f"{label}.valid_until"
@@ -1071,9 +1079,9 @@ def _sqlite_ts(v: dt.datetime | None) -> str | None:
     """A UTC time in the text form SQLAlchemy's SQLite DateTime stores and parses."""
     if v is None:
         return None
-    if v.tzinfo is not dt.timezone.utc:
+    if v.tzinfo is not dt.timezone.utc and v.utcoffset():
         v = v.astimezone(dt.timezone.utc)
-    text_ = v.isoformat(" ")[:-6]  # drop "+00:00"
+    text_ = v.isoformat(" ")[:-6]  # drop the zero offset "+00:00"
     return text_ if v.microsecond else text_ + ".000000"
 
 
@@ -1145,12 +1153,13 @@ def _upsert_state(session: Session, rows: list[tuple[Any, ...]], pg: bool) -> No
                 "(LIKE consent_state INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
         )
-        session.execute(text("DELETE FROM consent_state_stage"))
+        session.execute(text("TRUNCATE consent_state_stage"))  # DELETE would leave dead rows to rescan
         _copy_rows(session, "consent_state_stage", _STATE_COLS, rows)
         session.execute(
             text(
                 f"INSERT INTO consent_state ({', '.join(_STATE_COLS)}) "
-                f"SELECT {', '.join(_STATE_COLS)} FROM consent_state_stage {upsert}"
+                f"SELECT {', '.join(_STATE_COLS)} FROM consent_state_stage "
+                f"ORDER BY purpose, recipient, subject_ref {upsert}"
             )
         )
         return
@@ -1173,8 +1182,9 @@ class _StateLookup:
         self.mark = "%s" if self.dialect == "postgresql" else "?"
         self.refs = sorted(set(refs)) if refs is not None else None
 
-    def _run(self, sql: str, params: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
-        """Run `sql` ({p} marks parameters) over all subjects, or chunk by chunk of `refs`."""
+    def _run(self, sql: str, params: Sequence[Any]) -> Iterator[list[tuple[Any, ...]]]:
+        """Run `sql` ({p} marks parameters) over all subjects, or chunk by chunk of `refs`;
+        yields the rows of each statement as one list."""
         raw = self.conn.connection.driver_connection
         assert raw is not None
         sql = sql.replace("{p}", self.mark)
@@ -1189,14 +1199,14 @@ class _StateLookup:
                         continue
                     marks = ", ".join([self.mark] * len(chunk))
                     cur.execute(f"{sql} AND subject_ref IN ({marks})", (*params, *chunk))
-                yield from cur.fetchall()
+                yield cur.fetchall()
             finally:
                 cur.close()
 
     def column_set(self, sql: str, params: Sequence[Any]) -> set[str]:
         if " WHERE " not in sql:
             sql += " WHERE 1 = 1"
-        return {row[0] for row in self._run(sql, params)}
+        return {row[0] for rows in self._run(sql, params) for row in rows}
 
     def classify(
         self,
@@ -1228,8 +1238,8 @@ class _StateLookup:
             base = f"FROM consent_state WHERE purpose IN ({pm}) AND recipient IN ({', '.join(['{p}'] * len(recs))})"
             base_params = [*purposes, *recs]
         good: dict[str, str] = {}
-        for ref, ev in self._run(f"SELECT subject_ref, event_id {base} AND {good_where}", [*base_params, *good_params]):
-            good[ref] = ev
+        for rows in self._run(f"SELECT subject_ref, event_id {base} AND {good_where}", [*base_params, *good_params]):
+            good.update(rows)  # (ref, event id) pairs straight into the dict, no Python loop
         vetoes: dict[str, str] = {}
         weak: dict[str, str] = {}
         rest = self._run(
@@ -1238,7 +1248,7 @@ class _StateLookup:
             [*base_params, *good_params],
         )
         applies = ("", recipient or "")
-        for ref, rec, action, version, vf, vu in rest:
+        for ref, rec, action, version, vf, vu in itertools.chain.from_iterable(rest):
             if action == "withdrawn" or action == "refused":
                 if rec in applies and vetoes.get(ref) != "withdrawn":
                     vetoes[ref] = action
