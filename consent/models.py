@@ -102,7 +102,8 @@ class ConsentState(ConsentBase):
 
     purpose: Mapped[str] = mapped_column(String(128), primary_key=True)
     recipient: Mapped[str] = mapped_column(String(64), primary_key=True)
-    subject_ref: Mapped[str] = mapped_column(String(REF_LEN), primary_key=True, index=True)
+    # No index on subject_ref alone: per-subject reads go by primary key (see store._state_rows).
+    subject_ref: Mapped[str] = mapped_column(String(REF_LEN), primary_key=True)
     action: Mapped[str] = mapped_column(String(16))
     event_id: Mapped[str] = mapped_column(String(128))
     notice_version: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -632,11 +632,7 @@ class ConsentStore:
         """The current rules held for `subject` (one per purpose and recipient) and preferences."""
         ref = self._keys.ref(subject)
         with self.factory() as session:
-            rows = session.scalars(
-                select(ConsentState)
-                .where(ConsentState.subject_ref == ref)
-                .order_by(ConsentState.purpose, ConsentState.recipient)
-            ).all()
+            rows = _state_rows(session, ref)
             prefs = session.get(Preferences, ref)
             erased = session.get(Tombstone, ref) is not None
             return SubjectState(
@@ -679,9 +675,7 @@ class ConsentStore:
                 .where(UsageSubject.subject_ref == ref)
                 .order_by(UsageRecord.at, UsageRecord.id)
             ).all()
-            state = session.scalars(
-                select(ConsentState).where(ConsentState.subject_ref == ref).order_by(ConsentState.purpose)
-            ).all()
+            state = _state_rows(session, ref)
             report = AccessReport(
                 subject_ref=ref,
                 erased=tomb is not None,
@@ -717,7 +711,8 @@ class ConsentStore:
             n_prefs = session.execute(delete(Preferences).where(Preferences.subject_ref == ref)).rowcount
             session.execute(delete(PreferenceChange).where(PreferenceChange.subject_ref == ref))
             n_usage = session.execute(delete(UsageSubject).where(UsageSubject.subject_ref == ref)).rowcount
-            session.execute(delete(ConsentState).where(ConsentState.subject_ref == ref))
+            for row in _state_rows(session, ref):
+                session.delete(row)
             detail = {
                 "events_kept": int(n_events),
                 "subject_key_destroyed": bool(shredded),
@@ -1322,6 +1317,17 @@ def _event_out(e: ConsentEvent) -> ConsentEventOut:
         valid_from=e.valid_from, valid_until=e.valid_until, actor=e.actor, received_at=e.received_at,
         content_hash=e.content_hash,
     )
+
+
+def _state_rows(session: Session, ref: str) -> list[ConsentState]:
+    """The projection rows of one subject, found by primary key: the projection has no index
+    on subject_ref alone (it would cost a third of the bulk-import time), so the keys come
+    from the subject's events, which are indexed by subject."""
+    keys = session.execute(
+        select(ConsentEvent.purpose, ConsentEvent.recipient).where(ConsentEvent.subject_ref == ref).distinct()
+    ).all()
+    rows = [session.get(ConsentState, (purpose, recipient, ref)) for purpose, recipient in keys]
+    return sorted((r for r in rows if r is not None), key=lambda r: (r.purpose, r.recipient))
 
 
 def _state_out(s: ConsentState) -> StateEntry:

@@ -311,6 +311,7 @@ def test_erasure_shreds_identifiers_keeps_tombstone_and_denies(store: tuple[Cons
     assert after.erased and after.events[0].identifier is None and after.events[0].identifier_erased
     assert after.preferences is None and after.usage == []
     assert count(s, Tombstone) == 1 and count(s, SubjectKey) == 0 and count(s, Preferences) == 0
+    assert count(s, ConsentState) == 1  # only m2's rule is left in the projection
     assert count(s, ConsentEvent) == 2  # evidence kept
     d = s.allowed(["m1", "m2"], "modeling", None, T0 + DAY)
     assert d.allowed == ["m2"] and d.denied_counts == {"erased": 1}
