@@ -1,8 +1,8 @@
 """node schema
 
-Revision ID: 986e24011998
+Revision ID: 2fe69cda972f
 Revises: 
-Create Date: 2026-11-27 07:50:07.759472
+Create Date: 2026-11-27 08:06:34.574291
 """
 from typing import Sequence, Union
 
@@ -10,7 +10,7 @@ from alembic import op
 import sqlalchemy as sa
 import sqlalchemy as sa
 
-revision: str = '986e24011998'
+revision: str = '2fe69cda972f'
 down_revision: Union[str, None] = None
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
@@ -145,9 +145,6 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('purpose', 'recipient', 'subject_ref'),
     sqlite_with_rowid=False
     )
-    with op.batch_alter_table('consent_state', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_consent_state_subject_ref'), ['subject_ref'], unique=False)
-
     op.create_table('consent_subject_keys',
     sa.Column('subject_ref', sa.String(length=32), nullable=False),
     sa.Column('wrapped_key', sa.LargeBinary(), nullable=False),
@@ -249,9 +246,6 @@ def downgrade() -> None:
     op.drop_table('consent_usage')
     op.drop_table('consent_tombstones')
     op.drop_table('consent_subject_keys')
-    with op.batch_alter_table('consent_state', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_consent_state_subject_ref'))
-
     op.drop_table('consent_state')
     with op.batch_alter_table('consent_preferences', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_consent_preferences_no_personalised'))
