@@ -25,6 +25,7 @@ from confide.errors import ConfideError, RemoteError
 from confide.localnet import LocalNet
 
 BRAND, PARTNER = "brand", "partner"
+ID_COLUMNS = ("phone", "email", "openid", "unionid")
 
 
 @dataclass
@@ -169,10 +170,10 @@ def agreement_spec(run: DemoRun) -> dict[str, Any]:
         "title": "Coffee chain members x app-interest partner: overlap, lead scoring",
         "parties": [
             {"name": BRAND, "role": "label_holder", "datasets": ["brand_members", "brand_leads"],
-             "identifiers": [{"dataset": "brand_members", "column": "phone", "type": "phone"}],
+             "identifiers": [{"dataset": "brand_members", "column": c, "type": c} for c in ID_COLUMNS],
              "impact_assessment": "PIA-BRAND-2026-014"},
             {"name": PARTNER, "role": "feature_holder", "datasets": ["partner_population"],
-             "identifiers": [{"dataset": "partner_population", "column": "phone", "type": "phone"}],
+             "identifiers": [{"dataset": "partner_population", "column": c, "type": c} for c in ID_COLUMNS],
              "impact_assessment": "PIA-PARTNER-2026-003"},
         ],
         "purposes": ["audience", "modeling", "scoring"],
@@ -221,6 +222,42 @@ def stage_dataset_stats(run: DemoRun, progress: Progress) -> None:
                 rows, ["party", "dataset", "rows", "columns"])
 
 
+def private(run: DemoRun, party: str, job_id: str) -> dict[str, Any]:
+    with run.node(party) as c:
+        return c.get(f"/v1/admin/jobs/{job_id}/private")
+
+
+def stage_overlap(run: DemoRun, progress: Progress) -> None:
+    job = run_job(run, progress, "overlap", {"id_types": ["phone"]})
+    mine = next(iter(private(run, BRAND, job["id"]).values()))
+    theirs = next(iter(private(run, PARTNER, job["id"]).values()))
+    ov = mine["overlap"]
+    shown = "suppressed (below k_min)" if ov["suppressed"] else f"{ov['intersection_size']:,}"
+    rows = [[BRAND, f"{mine['gate']['rows']:,}", f"{mine['gate']['consented_rows']:,}",
+             json.dumps(mine['gate']['denied']), shown],
+            [PARTNER, f"{theirs['gate']['rows']:,}", f"{theirs['gate']['consented_rows']:,}",
+             json.dumps(theirs['gate']['denied']), "not told (agreement)"]]
+    run.section("Job: overlap (PSI cardinality on phone)",
+                f"Job {job['id'][:8]}: X25519 commutative blinding over the encrypted relay, "
+                f"{mine['bytes_sent'] + mine['bytes_received']:,} bytes exchanged, {mine['seconds']}s. The brand "
+                f"learns |A∩B| = {shown} among consented members; the coordinator saw only set sizes "
+                f"{job['result']['set_sizes']}.", rows,
+                ["party", "rows", "consented (audience.overlap)", "denied by reason", "overlap learned"])
+
+
+def stage_match(run: DemoRun, progress: Progress) -> None:
+    job = run_job(run, progress, "match", {"id_types": list(ID_COLUMNS)})
+    rows = []
+    for party in (BRAND, PARTNER):
+        res = next(iter(private(run, party, job["id"]).values()))
+        rows.append([party, f"{res['gate']['consented_rows']:,}", f"{res['matched_rows']:,}",
+                     ", ".join(f"{k} {v:,}" for k, v in res["matched_by_type"].items())])
+    run.section("Job: match (waterfall phone → email → OpenID → UnionID)",
+                f"Job {job['id'][:8]}: each side learned which of its own consented rows matched and stored one "
+                "opaque join key per matched pair at its node (for training and scoring); nothing about other rows.",
+                rows, ["party", "consented rows", "matched rows", "matched by key type"])
+
+
 STAGES: list[tuple[str, Callable[[DemoRun, Progress], None]]] = [
     ("generate synthetic data", stage_synth),
     ("start services (mTLS)", stage_services),
@@ -229,6 +266,8 @@ STAGES: list[tuple[str, Callable[[DemoRun, Progress], None]]] = [
     ("import consent records", stage_consent),
     ("propose and sign agreement", stage_agreement),
     ("dataset-stats job", stage_dataset_stats),
+    ("overlap job (PSI)", stage_overlap),
+    ("match job (PSI waterfall)", stage_match),
 ]
 
 

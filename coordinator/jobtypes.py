@@ -71,3 +71,11 @@ def known_types() -> list[str]:
 
 
 register(DatasetStats())
+
+
+def _load_builtin() -> None:
+    # Job types of the capability packages register themselves on import.
+    import coordinator.psi_jobs  # noqa: F401
+
+
+_load_builtin()

@@ -190,6 +190,13 @@ def job_status(job_id: str = typer.Argument(...), config: Path = CONFIG,
     _print(job, as_json)
 
 
+@job_app.command("result")
+def job_result(job_id: str = typer.Argument(...), config: Path = CONFIG) -> None:
+    """What the job produced for this party alone (kept at this node, never at the coordinator)."""
+    with node_client(config) as c:
+        _print(c.get(f"/v1/admin/jobs/{job_id}/private"), True)
+
+
 @job_app.command("cancel")
 def cancel_job(job_id: str = typer.Argument(...), config: Path = CONFIG) -> None:
     """Cancel a job that has not ended."""

@@ -271,7 +271,7 @@ class Node:
         cancel = threading.Event()
         self._running[(job_id, step)] = cancel
         ctx = StepContext(node=self, job_id=job_id, step=step, agreement=doc, params=params,
-                          requester=requester, cancelled=cancel)
+                          requester=requester, cancelled=cancel, job_type=job_type)
         self.pool.submit(self._run_step, ctx, run)
         return {"status": "running"}
 

@@ -32,6 +32,7 @@ class StepContext:
     params: dict[str, Any]
     requester: str
     cancelled: threading.Event
+    job_type: str = ""
 
     @property
     def me(self):  # type: ignore[no-untyped-def]
@@ -58,7 +59,13 @@ def register(job_type: str, fn: Executor) -> None:
     _EXECUTORS[job_type] = fn
 
 
+def _load_builtin() -> None:
+    import party_node.psi_steps  # noqa: F401  (registers overlap and match)
+
+
 def executor_for(job_type: str) -> Executor:
+    if not _EXECUTORS.keys() - {"dataset-stats"}:
+        _load_builtin()
     try:
         return _EXECUTORS[job_type]
     except KeyError:

@@ -50,3 +50,19 @@ class StepRecord(NodeBase):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class PsiMatch(NodeBase):
+    """A row of this node matched by a PSI `match` job, with the opaque join key both sides share.
+
+    Training and scoring jobs align rows across parties by these keys; nothing about
+    non-matching rows is stored."""
+
+    __tablename__ = "psi_matches"
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    row_key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    agreement_id: Mapped[str] = mapped_column(String(64))
+    dataset: Mapped[str] = mapped_column(String(64))
+    id_type: Mapped[str] = mapped_column(String(20))
+    join_key: Mapped[str] = mapped_column(String(64), index=True)

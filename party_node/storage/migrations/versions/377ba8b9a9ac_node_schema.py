@@ -1,8 +1,8 @@
 """node schema
 
-Revision ID: 2fe69cda972f
+Revision ID: 377ba8b9a9ac
 Revises: 
-Create Date: 2026-11-27 08:06:34.574291
+Create Date: 2026-11-27 08:07:31.271989
 """
 from typing import Sequence, Union
 
@@ -10,7 +10,7 @@ from alembic import op
 import sqlalchemy as sa
 import sqlalchemy as sa
 
-revision: str = '2fe69cda972f'
+revision: str = '377ba8b9a9ac'
 down_revision: Union[str, None] = None
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
@@ -62,6 +62,18 @@ def upgrade() -> None:
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('job_id', 'step')
     )
+    op.create_table('psi_matches',
+    sa.Column('job_id', sa.String(length=36), nullable=False),
+    sa.Column('row_key', sa.String(length=256), nullable=False),
+    sa.Column('agreement_id', sa.String(length=64), nullable=False),
+    sa.Column('dataset', sa.String(length=64), nullable=False),
+    sa.Column('id_type', sa.String(length=20), nullable=False),
+    sa.Column('join_key', sa.String(length=64), nullable=False),
+    sa.PrimaryKeyConstraint('job_id', 'row_key')
+    )
+    with op.batch_alter_table('psi_matches', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_psi_matches_join_key'), ['join_key'], unique=False)
+
     op.create_table('consent_events',
     sa.Column('event_id', sa.String(length=128), nullable=False),
     sa.Column('subject_ref', sa.String(length=32), nullable=False),
@@ -264,6 +276,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_consent_events_subject_ref'))
 
     op.drop_table('consent_events')
+    with op.batch_alter_table('psi_matches', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_psi_matches_join_key'))
+
+    op.drop_table('psi_matches')
     op.drop_table('node_job_steps')
     op.drop_table('node_agreements')
     op.drop_table('datasets')
