@@ -987,7 +987,6 @@ class _IngestContext:
                     )
         self._load_subject_keys({p.ref for p in new if p.event.identifier})
         batch_id = uuid.uuid4().hex[:16]
-        pg = self.pg
         event_rows = []
         state_rows: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         keys = self.store._keys
@@ -999,10 +998,9 @@ class _IngestContext:
             okey = _order_key(p.received_at, e.action, e.event_id)
             event_rows.append((
                 e.event_id, p.ref, e.purpose, p.recipient, e.action, e.legal_basis, e.channel, e.notice_version,
-                _pg_ts(p.valid_from) if pg else p.texts[1],
-                _pg_ts(p.valid_until) if pg else (p.texts[2] or None),
-                p.actor,
-                _pg_ts(p.received_at) if pg else p.texts[0],
+                # Canonical UTC text on both backends: SQLite stores it as is, PostgreSQL's COPY
+                # parses it into `timestamp` (no per-row datetime conversion in Python).
+                p.texts[1], p.texts[2] or None, p.actor, p.texts[0],
                 ct, p.content_hash, batch_id,
             ))
             k = (p.ref, e.purpose, p.recipient)
