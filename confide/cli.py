@@ -69,7 +69,7 @@ def pki_issue(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for data, deployment and report"),
-    scale: float = typer.Option(1.0, "--scale", min=0.05, help="Data size multiplier (1.0 = 20,000 members)"),
+    scale: float = typer.Option(1.0, "--scale", min=0.05, help="Data size multiplier (1.0 = 5,000 brand members, 15,000 partner people)"),
     seed: int = typer.Option(42, "--seed"),
 ) -> None:
     """Run the end-to-end demo: three services with mTLS, synthetic data, agreement, every job."""

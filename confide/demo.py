@@ -26,6 +26,8 @@ from confide.localnet import LocalNet
 
 BRAND, PARTNER = "brand", "partner"
 ID_COLUMNS = ("phone", "email", "openid", "unionid")
+PROFILE_CATEGORICAL = ("income_level", "age_band", "car_insurance_status")
+PROFILE_NUMERIC = ("purchase_intent_score", "interest_auto")
 
 
 @dataclass
@@ -76,7 +78,7 @@ class DemoRun:
 def stage_synth(run: DemoRun, progress: Progress) -> None:
     from party_node import synth
 
-    members = max(1000, int(20_000 * run.scale))
+    members = max(500, int(5_000 * run.scale))
     run.synth = synth.generate(run.out / "data", members=members, partner_factor=3.0, leads=members // 4,
                                overlap=0.35, seed=run.seed, fmt="csv", brand_name=BRAND, partner_name=PARTNER)
     gt = json.loads((run.out / "data" / "ground_truth.json").read_text())
@@ -174,6 +176,7 @@ def agreement_spec(run: DemoRun) -> dict[str, Any]:
              "impact_assessment": "PIA-BRAND-2026-014"},
             {"name": PARTNER, "role": "feature_holder", "datasets": ["partner_population"],
              "identifiers": [{"dataset": "partner_population", "column": c, "type": c} for c in ID_COLUMNS],
+             "columns": {"partner_population": list(PROFILE_CATEGORICAL + PROFILE_NUMERIC)},
              "impact_assessment": "PIA-PARTNER-2026-003"},
         ],
         "purposes": ["audience", "modeling", "scoring"],
@@ -258,6 +261,21 @@ def stage_match(run: DemoRun, progress: Progress) -> None:
                 rows, ["party", "consented rows", "matched rows", "matched by key type"])
 
 
+def stage_profile(run: DemoRun, progress: Progress) -> None:
+    job = run_job(run, progress, "profile", {"id_types": ["phone"], "categorical": list(PROFILE_CATEGORICAL),
+                                             "numeric": list(PROFILE_NUMERIC)})
+    prof = next(iter(private(run, BRAND, job["id"]).values()))["profile"]
+    rows = []
+    for c in prof["cells"]:
+        val = "suppressed (< k_min)" if c["suppressed"] else (
+            f"{c['result']:,.2f}" if isinstance(c["result"], float) else f"{c['result']:,}")
+        rows.append([c["column"], c["kind"], c["value"] or "", val])
+    run.section("Job: profile (partner attributes of the overlap)",
+                f"Job {job['id'][:8]}: Paillier intersection-sum; the brand learns aggregates of the partner's agreed "
+                f"columns over |A∩B| = {prof['intersection_size']}, each cell below k_min suppressed; the partner "
+                "learns only |A∩B|; no per-person value leaves the partner.", rows, ["column", "aggregate", "value", "result"])
+
+
 STAGES: list[tuple[str, Callable[[DemoRun, Progress], None]]] = [
     ("generate synthetic data", stage_synth),
     ("start services (mTLS)", stage_services),
@@ -268,6 +286,7 @@ STAGES: list[tuple[str, Callable[[DemoRun, Progress], None]]] = [
     ("dataset-stats job", stage_dataset_stats),
     ("overlap job (PSI)", stage_overlap),
     ("match job (PSI waterfall)", stage_match),
+    ("profile job (PSI + Paillier)", stage_profile),
 ]
 
 

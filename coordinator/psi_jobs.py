@@ -83,5 +83,31 @@ class MatchJob(_PsiJob):
     name = "match"
 
 
+class ProfileJob(_PsiJob):
+    """Aggregates of agreed partner columns over the overlap, for the brand (k_min per cell)."""
+
+    name = "profile"
+
+    def validate_params(self, spec: AgreementSpec, params: dict[str, Any]) -> dict[str, Any]:
+        cols = {k: params.get(k) or [] for k in ("categorical", "numeric")}
+        base = super().validate_params(spec, {k: v for k, v in params.items() if k in ("id_types", "partner")})
+        unknown = set(params) - {"id_types", "partner", "categorical", "numeric"}
+        if unknown:
+            raise ValidationError(f"profile takes id_types, partner, categorical, numeric; not {sorted(unknown)}",
+                                  field="params")
+        if not (cols["categorical"] or cols["numeric"]):
+            raise ValidationError("name at least one partner column in categorical or numeric", field="params")
+        partner = spec.party(base["partner"])
+        agreed = {c for cs in partner.columns.values() for c in cs}
+        for c in cols["categorical"] + cols["numeric"]:
+            if not isinstance(c, str) or c not in agreed:
+                raise ValidationError(f"column {c!r} is not among the partner's agreed columns {sorted(agreed)}",
+                                      field="params")
+        if len(base["id_types"]) != 1:
+            raise ValidationError("profile matches on one identifier type", field="id_types")
+        return {**base, **cols}
+
+
 register(OverlapJob())
+register(ProfileJob())
 register(MatchJob())

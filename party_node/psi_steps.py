@@ -24,7 +24,7 @@ REVEAL_TO_PARTNER = "overlap_size_to_partner"
 SMALL = 50_000  # below this many items per side, blinding in-process beats starting a pool
 
 
-def _inputs(ctx: StepContext, id_types: list[str]) -> tuple[str, str, Any]:
+def _inputs(ctx: StepContext, id_types: list[str], extra: list[str] = ()) -> tuple[str, str, Any]:  # type: ignore[assignment]
     """The dataset, its key column and the frame of key + identifier columns for `id_types`."""
     from party_node import datasets as ds
 
@@ -43,7 +43,7 @@ def _inputs(ctx: StepContext, id_types: list[str]) -> tuple[str, str, Any]:
     with session_scope(ctx.node.factory) as s:
         info = ds.describe(s, dataset)
     key = next(c["column"] for c in info["columns"] if c["role"] == "key")
-    cols = [key] + [specs[t].column for t in id_types]
+    cols = [key] + [specs[t].column for t in id_types] + list(extra)
     frame = ds.load_frame(ctx.node.engine, dataset, list(dict.fromkeys(cols)))
     return dataset, key, (frame, {t: specs[t].column for t in id_types})
 
@@ -62,6 +62,7 @@ def psi_step(ctx: StepContext) -> dict[str, Any]:
     from psi.executor import InProcessExecutor, ProcessPoolExecutor
     from psi.inputs import PartyData, prepare_party
     from psi.messages import Mode
+    from psi.profile import ProfileRequester, ProfileResponder, ProfileSpec
     from psi.report import report_overlap
     from psi.roles import Requester, Responder, SessionParams
     from psi.waterfall import WaterfallRequester, WaterfallResponder
@@ -76,15 +77,19 @@ def psi_step(ctx: StepContext) -> dict[str, Any]:
     if me not in (requester, params["partner"]):
         raise AgreementError(f"{me!r} has no role in this PSI job")
     rule = ctx.agreement.spec.rule(job_type)
-    dataset, key, (frame, columns) = _inputs(ctx, id_types)
+    profile_cols = (params.get("categorical", []) + params.get("numeric", [])) if job_type == "profile" else []
+    dataset, key, (frame, columns) = _inputs(ctx, id_types, profile_cols if me != requester else [])
     subjects = frame[key].astype(str).tolist()
     data = PartyData(subjects, {t: frame[c].tolist() for t, c in columns.items()})
     prepared = prepare_party(data, ctx.node.consent, purpose=rule.purpose, recipient=peer,
                              at=dt.datetime.now(dt.timezone.utc), id_types=id_types)
+    values = {c: frame[c].tolist() for c in profile_cols} if me != requester else {}
     del frame, data
     n_items = max((len(p.values) for p in prepared.items.values()), default=0)
-    executor = InProcessExecutor() if n_items < SMALL else ProcessPoolExecutor()
-    mode = Mode.match if job_type == "match" else Mode.cardinality
+    mode = {"match": Mode.match, "profile": Mode.profile}.get(job_type, Mode.cardinality)
+    # Paillier encryption of the partner's rows is ~100x dearer than blinding: use every core sooner.
+    heavy = n_items >= SMALL or (mode is Mode.profile and me != requester and n_items >= 1_000)
+    executor = ProcessPoolExecutor() if heavy else InProcessExecutor()
     base = SessionParams(session=f"{ctx.job_id}/psi", agreement_id=ctx.agreement.agreement_id, job_id=ctx.job_id,
                          id_type=id_types[0], mode=mode,
                          reveal_to_responder=REVEAL_TO_PARTNER in rule.outputs)
@@ -96,6 +101,16 @@ def psi_step(ctx: StepContext) -> dict[str, Any]:
                 _drive(role, channel, peer, role.start())
             else:
                 role = WaterfallResponder(base, id_types, prepared.items, executor)
+                _drive(role, channel, peer, [])
+        elif mode is Mode.profile:
+            spec = ProfileSpec(categorical=tuple(params.get("categorical", [])),
+                               numeric=tuple(params.get("numeric", [])), k_min=ctx.agreement.spec.k_min)
+            items = prepared.items[id_types[0]]
+            if me == requester:
+                role = ProfileRequester(base, items, spec, executor)
+                _drive(role, channel, peer, [role.hello(), *role.round_one()])
+            else:
+                role = ProfileResponder(base, items, values, spec, executor)
                 _drive(role, channel, peer, [])
         else:
             items = prepared.items[id_types[0]]
@@ -124,6 +139,14 @@ def psi_step(ctx: StepContext) -> dict[str, Any]:
         private.update(matched_rows=len(matched), matched_by_type=dict(outcome.counts))
         # as pairs: the audit log refuses keys that name identifier types
         audit.update(matched_rows=len(matched), matched_per_key_type=sorted(outcome.counts.items()))
+    elif mode is Mode.profile:
+        if me == requester:
+            result = role.result.to_json()
+            private["profile"] = result
+            audit.update(cells=len(result["cells"]), suppressed_cells=sum(c["suppressed"] for c in result["cells"]))
+        else:
+            size = role.outcome.intersection_size if role.outcome is not None else None
+            private["overlap"] = {"intersection_size": size}
     else:
         out = role.outcome
         if out.intersection_size is not None:
@@ -138,3 +161,4 @@ def psi_step(ctx: StepContext) -> dict[str, Any]:
 
 register("overlap", psi_step)
 register("match", psi_step)
+register("profile", psi_step)

@@ -17,6 +17,8 @@ from tests.test_integration import confide, wait_job
 
 pytestmark = pytest.mark.slow
 NOW = dt.datetime.now(dt.timezone.utc)
+TIER = lambda i: "gold" if i % 9 == 0 else "silver"  # noqa: E731
+SPEND = lambda i: (i * 37) % 1000  # noqa: E731
 
 
 def _fmt(phone: str, i: int) -> str:
@@ -52,20 +54,24 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNet, 
                   coordinator_settings={"poll_interval_s": 0.1}) as net:
         net.start_all()
         for party, key, name in (("brand", "member_id", "members"), ("partner", "partner_id", "people")):
-            rows = "".join(f"{s},{_fmt(ph, i)}\n" for i, (s, ph) in enumerate(w[party].items()))
-            (work / f"{name}.csv").write_text(f"{key},phone\n{rows}")
+            rows = "".join(f"{s},{_fmt(ph, i)},{TIER(i)},{SPEND(i)}\n" for i, (s, ph) in enumerate(w[party].items()))
+            (work / f"{name}.csv").write_text(f"{key},phone,tier,spend\n{rows}")
             (work / f"{name}.yaml").write_text(f"dataset: {name}\nkey: {key}\nidentifiers:\n"
-                                               "  - {column: phone, type: phone}\n")
+                                               "  - {column: phone, type: phone}\nfeatures:\n"
+                                               "  - {column: tier, type: category}\n"
+                                               "  - {column: spend, type: int}\n")
             confide("node", "register", "--config", str(net.config(party)))
             confide("node", "ingest", str(work / f"{name}.csv"), "--schema", str(work / f"{name}.yaml"),
                     "--config", str(net.config(party)))
             _consent(net, party, w[party], w["ok"][party])
-        agreement = spec("psi-2026", jobs=("overlap", "match"),
+        agreement = spec("psi-2026", jobs=("overlap", "match", "profile"),
                          datasets={"brand": ["members"], "partner": ["people"]})
         agreement["parties"][0]["identifiers"] = [{"dataset": "members", "column": "phone", "type": "phone"}]
         agreement["parties"][1]["identifiers"] = [{"dataset": "people", "column": "phone", "type": "phone"}]
+        agreement["parties"][1]["columns"] = {"people": ["tier", "spend"]}
         agreement["allowed_jobs"] = [{"type": "overlap", "purpose": "audience.overlap"},
-                                     {"type": "match", "purpose": "audience.match"}]
+                                     {"type": "match", "purpose": "audience.match"},
+                                     {"type": "profile", "purpose": "audience.overlap"}]
         with net.client("brand") as c:
             d = c.post("/v1/admin/agreements", agreement)
             c.post("/v1/admin/agreements/psi-2026/versions/1/sign", {"digest": d["digest"]})
@@ -79,9 +85,10 @@ def _oracle(w: dict) -> set[tuple[str, str]]:
     return {(s, inv[ph]) for s, ph in w["brand"].items() if s in w["ok"]["brand"] and ph in inv}
 
 
-def _run(net: LocalNet, job_type: str) -> dict:
+def _run(net: LocalNet, job_type: str, **params: object) -> dict:
     with net.client("brand") as c:
-        job = c.post("/v1/admin/jobs", {"type": job_type, "agreement_id": "psi-2026", "params": {"id_types": ["phone"]}})
+        job = c.post("/v1/admin/jobs", {"type": job_type, "agreement_id": "psi-2026",
+                                        "params": {"id_types": ["phone"], **params}})
     job = wait_job(net, "brand", job["id"], timeout=120)
     assert job["status"] == "succeeded", job
     return job
@@ -136,6 +143,33 @@ def test_match_join_keys_pair_exactly_the_oracle_pairs(world) -> None:  # type: 
                                                 {"j": again["id"]}))
     eng.dispose()
     assert second and not (second & set(brand.values()))
+
+
+def test_profile_equals_plaintext_aggregates_with_suppression(world) -> None:  # type: ignore[no-untyped-def]
+    net, w = world
+    job = _run(net, "profile", categorical=["tier"], numeric=["spend"])
+    prof = _private(net, "brand", job["id"])["profile"]
+    index = {s: i for i, s in enumerate(w["partner"])}
+    rows = [index[p] for _, p in _oracle(w)]
+    gold = sum(TIER(i) == "gold" for i in rows)
+    cells = {(c["column"], c["kind"], c["value"]): c for c in prof["cells"]}
+    assert prof["intersection_size"] == len(rows)
+    assert cells[("tier", "count", "silver")]["result"] == len(rows) - gold
+    assert gold < 50 and cells[("tier", "count", "gold")]["suppressed"] is True  # below k_min
+    assert cells[("tier", "count", "gold")]["result"] is None
+    assert cells[("spend", "sum", "")]["result"] == pytest.approx(sum(SPEND(i) for i in rows))
+    partner = _private(net, "partner", job["id"])
+    assert "profile" not in partner and partner["overlap"]["intersection_size"] == len(rows)
+    assert "cells" not in json.dumps(job["result"])
+
+
+def test_profile_refuses_columns_outside_the_agreement(world) -> None:  # type: ignore[no-untyped-def]
+    from confide.errors import ValidationError
+
+    net, _ = world
+    with net.client("brand") as c, pytest.raises(ValidationError, match="not among the partner's agreed columns"):
+        c.post("/v1/admin/jobs", {"type": "profile", "agreement_id": "psi-2026",
+                                  "params": {"id_types": ["phone"], "numeric": ["partner_id"]}})
 
 
 def test_withdrawal_excludes_the_subject_from_later_jobs(world) -> None:  # type: ignore[no-untyped-def]
