@@ -84,12 +84,16 @@ def stage_synth(run: DemoRun, progress: Progress) -> None:
     gt = json.loads((run.out / "data" / "ground_truth.json").read_text())
     files = sorted(p for p in (run.out / "data").iterdir() if p.suffix == ".csv")
     rows = [[p.name, f"{sum(1 for _ in p.open()) - 1:,}"] for p in files]
-    auc = gt.get("lead_scoring_auc", {})
-    ov = gt.get("overlap", {})
+    auc = gt.get("lead_scoring_auc") or {}
+    ov = gt.get("overlap") or {}
+
+    def num(v: Any, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, (int, float)) else "n/a (too few rows)"
+
     run.section("Synthetic data", f"Generated {members:,} brand members (seed {run.seed}); "
-                f"{ov.get('members_fraction', 0):.0%} of them are also in the partner population. Planted ground "
-                f"truth on overlapped leads: achievable AUC {auc.get('brand_only', float('nan')):.3f} with brand "
-                f"features only, {auc.get('with_partner', float('nan')):.3f} with the partner's too.",
+                f"{num(ov.get('members_fraction'), '.0%')} of them are also in the partner population. Planted "
+                f"ground truth on overlapped leads: achievable AUC {num(auc.get('brand_only'), '.3f')} with brand "
+                f"features only, {num(auc.get('with_partner'), '.3f')} with the partner's too.",
                 rows, ["file", "rows"])
 
 
