@@ -64,6 +64,20 @@ class Coordinator:
 
             return ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(party.identity_key)), party.role
 
+    def forward_head(self, parties: list[str], head: dict[str, Any]) -> None:
+        """Best effort, in the background: a node that misses a head gets the next one."""
+        import threading
+
+        def run() -> None:
+            for party in parties:
+                try:
+                    with self.node_client(party) as c:
+                        c.post("/v1/audit/peer-heads", {"head": head})
+                except Exception as exc:  # noqa: BLE001 - logged, never fatal
+                    log.warning("could not forward %s's tree head to %s: %s", head.get("log"), party, exc)
+
+        threading.Thread(target=run, name="head-forward", daemon=True).start()
+
     def node_client(self, party: str) -> ServiceClient:
         with session_scope(self.factory) as s:
             endpoint = service.get_party(s, party).endpoint
@@ -188,6 +202,34 @@ def create_app(
             mine = {av.agreement_id for av in service.list_for(s, peer.name)}
             jobs = s.scalars(select(Job).where(Job.agreement_id.in_(mine)).order_by(Job.created_at)) if mine else []
             return [job_out(j) for j in jobs]
+
+    # -- audit tree heads --------------------------------------------------------------------
+    @app.get("/v1/audit/heads/{log}/latest")
+    def latest_head(log: str, peer: Peer = Depends(PARTY)) -> dict[str, Any]:
+        """The largest head of `log` the coordinator keeps (a node proves consistency from it)."""
+        from consent.audit import HeadStore
+
+        head = HeadStore(coord.factory).latest(log)
+        return {"log": log, "size": head.size if head else 0, "root": head.root if head else None}
+
+    @app.post("/v1/audit/heads")
+    def receive_head(body: dict[str, Any], peer: Peer = Depends(PARTY)) -> dict[str, Any]:
+        """Keep a party's signed tree head (checked against its last one) and pass it to every
+        party that shares an agreement with it, so none can later rewrite its log unnoticed."""
+        from consent.audit import ConsistencyProof, HeadStore, SignedTreeHead
+
+        head = SignedTreeHead.from_dict(body.get("head") or {})
+        if head.log != peer.name or head.signer != peer.name:
+            raise AuthenticationError(f"{peer.name!r} may only publish heads of its own log")
+        proof = ConsistencyProof.from_dict(body["proof"]) if body.get("proof") else None
+        key, _role = coord._resolve(peer.name)
+        HeadStore(coord.factory).add(head, key, proof=proof)
+        with session_scope(coord.factory) as s:
+            others = sorted({p["name"] for av in service.list_for(s, peer.name) for p in av.spec["parties"]}
+                            - {peer.name})
+            service.record(s, "audit.head_received", peer.name, size=head.size, root=head.root)
+        coord.forward_head(others, head.to_dict())
+        return {"kept": True, "forwarded_to": others}
 
     # -- relay -------------------------------------------------------------------------------
     @app.put("/v1/relay/{job_id}/{channel}/{recipient}/{seq}")

@@ -91,6 +91,10 @@ def create_app(
     def cancel_step(job_id: str, step: str, peer: Peer = Depends(COORDINATOR)) -> dict[str, Any]:
         return node.cancel_step(job_id, step)
 
+    @app.post("/v1/audit/peer-heads")
+    def peer_head(body: dict[str, Any], peer: Peer = Depends(COORDINATOR)) -> dict[str, Any]:
+        return node.keep_peer_head(body.get("head") or {})
+
     # -- operator-facing -----------------------------------------------------------------------
     @app.post("/v1/admin/register")
     def register(peer: Peer = Depends(OPERATOR)) -> Any:
@@ -134,6 +138,10 @@ def create_app(
     def cancel_job(job_id: str, peer: Peer = Depends(OPERATOR)) -> Any:
         with node.coordinator() as c:
             return c.post(f"/v1/jobs/{job_id}/cancel")
+
+    @app.post("/v1/admin/audit/publish")
+    def publish(peer: Peer = Depends(OPERATOR)) -> Any:
+        return node.publish_head()
 
     @app.get("/v1/admin/steps")
     def steps(peer: Peer = Depends(OPERATOR)) -> Any:

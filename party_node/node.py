@@ -67,6 +67,7 @@ class Node:
         self._coordinator_transport = coordinator_transport
         self._certs: dict[str, pki.CertInfo] = {}
         self._last_refresh = -1e9
+        self._publish_lock = threading.Lock()
         self._keys_lock = threading.Lock()
         self.verifier = RequestVerifier(self.identity.name, self._resolve, max_skew_s=settings.max_clock_skew_s)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="step")
@@ -299,6 +300,7 @@ class Node:
             rec.private_result = private
             self.audit.append(f"step.{status}", {"job_id": ctx.job_id, "step": ctx.step,
                                                  **({"error": error} if error else {})}, session=s)
+        self.publish_head_soon()
 
     def step_status(self, job_id: str, step: str) -> dict[str, Any]:
         with session_scope(self.factory) as s:
@@ -318,6 +320,45 @@ class Node:
         if ev is not None:
             ev.set()
         return self.step_status(job_id, step)
+
+    def publish_head(self) -> dict[str, Any]:
+        """Sign the audit log's current head and hand it to the coordinator, with a consistency
+        proof from the last head it keeps; it passes the head on to the other parties."""
+        from consent.audit import SignedTreeHead  # noqa: F401
+
+        log_ = self.audit.log
+        if log_ is None:
+            raise ValidationError("this node has no Merkle audit log")
+        with self._publish_lock:
+            with self.coordinator() as c:
+                kept = c.get(f"/v1/audit/heads/{self.identity.name}/latest")["size"]
+                head = log_.sign_head()
+                if head.size < kept:
+                    raise AgreementError(f"the coordinator keeps a head of size {kept}, larger than this log "
+                                         f"({head.size}): the log was truncated")
+                # Same size as kept: the store compares roots itself; a proof must start below it.
+                proof = log_.consistency_proof(kept, head.size).to_dict() if 0 < kept < head.size else None
+                return c.post("/v1/audit/heads", {"head": head.to_dict(), "proof": proof})
+
+    def publish_head_soon(self) -> None:
+        def run() -> None:
+            try:
+                self.publish_head()
+            except Exception as exc:  # noqa: BLE001 - the next publication catches up
+                log.warning("could not publish the audit head: %s", exc)
+
+        threading.Thread(target=run, name="publish-head", daemon=True).start()
+
+    def keep_peer_head(self, head_data: dict[str, Any]) -> dict[str, Any]:
+        """Keep another party's signed tree head (verified with its CA-certified identity key)."""
+        from consent.audit import HeadStore, SignedTreeHead
+
+        head = SignedTreeHead.from_dict(head_data)
+        key = self.key_of(head.log)
+        if key is None or head.signer != head.log:
+            raise AgreementError(f"no verified identity for the log {head.log!r}")
+        HeadStore(self.factory).add(head, key)
+        return {"kept": True, "log": head.log, "size": head.size}
 
     def close(self) -> None:
         for ev in list(self._running.values()):

@@ -257,3 +257,37 @@ def test_node_refuses_superseded_version(net: LocalNet, active: dict) -> None:
         assert ok["status"] in ("running", "succeeded")
         with pytest.raises(AgreementError, match="superseded by v2"):
             c.post("/v1/steps", _step(docs[1], job_id="00000000-0000-0000-0000-0000000000a1"))
+
+
+def test_audit_heads_reach_coordinator_and_peers_and_expose_tampering(net: LocalNet, active: dict) -> None:
+    """Nodes publish signed tree heads after job steps; the coordinator keeps them and passes them
+    to the other party, so the brand cannot later rewrite its log without the partner noticing."""
+    from sqlalchemy import create_engine, text
+
+    with net.client("brand") as c:
+        published = c.post("/v1/admin/audit/publish")
+    assert published["forwarded_to"] == ["partner"]
+    brand_db = f"sqlite:///{net.workdir / 'brand' / 'node.db'}"
+    partner_db = f"sqlite:///{net.workdir / 'partner' / 'node.db'}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        eng = create_engine(partner_db)
+        with eng.connect() as conn:
+            kept = conn.execute(text("select max(size) from audit_peer_heads where log = 'brand'")).scalar()
+        eng.dispose()
+        if kept:
+            break
+        time.sleep(0.2)
+    assert kept and kept > 0
+    cert = str(net.pki_dir / "brand" / "cert.pem")
+    ok = confide("audit", "verify", "--database-url", brand_db, "--peer-database-url", partner_db, "--cert", cert,
+                 check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    eng = create_engine(brand_db)
+    with eng.begin() as conn:  # the brand quietly edits an early entry of its own log
+        conn.execute(text("update audit_leaves set payload_json = :p where seq = 1"), {"p": '{"edited":1}'})
+    eng.dispose()
+    bad = confide("audit", "verify", "--database-url", brand_db, "--peer-database-url", partner_db, "--cert", cert,
+                  check=False)
+    assert bad.returncode == 1
+    assert "seq 1" in (bad.stdout + bad.stderr)

@@ -3,9 +3,10 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from coordinator.storage.models import CoordinatorBase
+from coordinator.storage import metadatas
 
-target_metadata = CoordinatorBase.metadata
+# Coordinator tables, and the parties' signed audit tree heads it keeps (audit_peer_heads).
+target_metadata = metadatas()
 
 
 def render_item(type_, obj, autogen_context):  # type: ignore[no-untyped-def]
