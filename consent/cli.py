@@ -3,7 +3,7 @@
 Every command takes --database-url (default: SQLite `node.db` in --data-dir), --key-file (the
 node's consent secret, default `consent.key` in --data-dir, created on first use) and --party
 (a party consent may name as recipient; repeatable; recipients named by registered notices are
-known too). Errors are ConfideErrors; `confide.cli.main` turns them into messages and exit codes.
+known too). Audit entries go to the database's Merkle audit log (`consent.audit`, log "local"). Errors are ConfideErrors; `confide.cli.main` turns them into messages and exit codes.
 """
 
 from __future__ import annotations
@@ -52,7 +52,17 @@ def open_store(database_url: Optional[str], data_dir: Path, key_file: Optional[P
             pass
         ensure_tables(engine)
     secret = load_or_create_secret(key_file or data_dir / "consent.key")
-    return ConsentStore(engine, secret_key=secret, recipients=parties)
+    return ConsentStore(engine, secret_key=secret, recipients=parties, audit=_audit_log(engine))
+
+
+def _audit_log(engine: object) -> object:
+    """The node's Merkle audit log in the same database (gate calls and imports are audited
+    from the CLI too); tables the database lacks are created."""
+    from consent.audit import AuditLog
+    from consent.audit_storage import AuditBase
+
+    AuditBase.metadata.create_all(engine)  # type: ignore[arg-type]
+    return AuditLog(engine, None, "local")  # type: ignore[arg-type]
 
 
 @app.command("import")

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from confide.db import make_engine
 from confide.errors import ValidationError
+from consent.audit import AuditLog
 from consent.cli import app
 
 NOTICE_YAML = """
@@ -55,6 +57,9 @@ def test_import_is_idempotent_then_check_and_report(env: tuple[CliRunner, list[s
                             "--recipient", "partner", "--at", "2026-01-20", "--json", *common])
     out = json.loads(r.output)
     assert out["allowed"] == ["m3"] and out["denied_counts"] == {"no_consent": 2, "refused": 1}
+    log = AuditLog(make_engine(f"sqlite:///{d / 'var' / 'node.db'}"), None, "local")
+    last = log.entry(log.size() - 1)
+    assert last.kind == "consent.gate" and last.payload is not None and last.payload["allowed"] == 1
 
     report = d / "coverage.csv"
     r = runner.invoke(app, ["report", "--format", "csv", "--out", str(report), "--periods", "1", *common])
