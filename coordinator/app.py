@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from confide import __version__, pki
 from confide.auth import H_SENDER, Peer, RequestVerifier
 from confide.db import make_engine, session_factory, session_scope
-from confide.errors import AuthenticationError, ValidationError
+from confide.errors import AuthenticationError, PermissionDenied, ValidationError
 from confide.pki import Identity
 from confide.settings import CoordinatorSettings
 from confide.transport import ServiceClient
@@ -230,6 +230,24 @@ def create_app(
             service.record(s, "audit.head_received", peer.name, size=head.size, root=head.root)
         coord.forward_head(others, head.to_dict())
         return {"kept": True, "forwarded_to": others}
+
+    # -- per-recipient withdrawals (PIPL Art. 23) ---------------------------------------------
+    @app.post("/v1/withdrawals")
+    def forward_withdrawal(body: dict[str, Any], peer: Peer = Depends(PARTY)) -> dict[str, Any]:
+        """Pass a subject's withdrawal to the recipient party's node, as join keys both sides hold
+        from an earlier match; the coordinator sees opaque keys only."""
+        recipient = str(body.get("recipient", ""))
+        keys = body.get("join_keys") or []
+        if not isinstance(keys, list) or not keys or len(keys) > 100_000:
+            raise ValidationError("join_keys must be a non-empty list (at most 100,000)", field="join_keys")
+        with session_scope(coord.factory) as s:
+            shared = any(recipient in {p["name"] for p in av.spec["parties"]} for av in service.list_for(s, peer.name))
+            if not shared:
+                raise PermissionDenied(f"{peer.name!r} shares no agreement with {recipient!r}")
+            service.record(s, "withdrawal.forwarded", peer.name, recipient=recipient, keys=len(keys))
+        with coord.node_client(recipient) as c:
+            return c.post("/v1/withdrawals", {"from_party": peer.name, "purpose": body.get("purpose"),
+                                              "join_keys": keys, "event_id": body.get("event_id")})
 
     # -- relay -------------------------------------------------------------------------------
     @app.put("/v1/relay/{job_id}/{channel}/{recipient}/{seq}")

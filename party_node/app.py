@@ -95,6 +95,16 @@ def create_app(
     def peer_head(body: dict[str, Any], peer: Peer = Depends(COORDINATOR)) -> dict[str, Any]:
         return node.keep_peer_head(body.get("head") or {})
 
+    @app.post("/v1/withdrawals")
+    def remote_withdrawal(body: dict[str, Any], peer: Peer = Depends(COORDINATOR)) -> dict[str, Any]:
+        try:
+            return node.apply_remote_withdrawal(str(body["from_party"]), str(body["purpose"]),
+                                                [str(k) for k in body["join_keys"]][:100_000], str(body["event_id"]))
+        except KeyError as exc:
+            from confide.errors import ValidationError
+
+            raise ValidationError(f"withdrawal notice lacks {exc.args[0]!r}") from None
+
     # -- operator-facing -----------------------------------------------------------------------
     @app.post("/v1/admin/register")
     def register(peer: Peer = Depends(OPERATOR)) -> Any:

@@ -30,7 +30,7 @@ from confide.transport import ServiceClient
 from party_node.audit import NodeAudit
 from party_node.steps import PRIVATE, StepContext, executor_for
 from party_node.storage import ensure_schema
-from party_node.storage.models import SignedAgreementRecord, StepRecord, utcnow
+from party_node.storage.models import PsiMatch, SignedAgreementRecord, StepRecord, utcnow
 
 log = logging.getLogger("confide.node")
 
@@ -73,6 +73,7 @@ class Node:
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="step")
         self._running: dict[tuple[str, str], threading.Event] = {}
         self._recover()
+        self.consent.add_withdrawal_hook(self._on_withdrawal)
 
     # -- peers and keys ------------------------------------------------------------------------
     def coordinator(self) -> ServiceClient:
@@ -321,6 +322,60 @@ class Node:
             ev.set()
         return self.step_status(job_id, step)
 
+    # -- withdrawals ---------------------------------------------------------------------------
+    def _on_withdrawal(self, subject: str, purpose: str, recipient: str | None) -> None:
+        """A subject withdrew (or refused, or opted out): purge what this node derived from them
+        for collaborations, and tell each recipient party, through the coordinator, to exclude
+        the matching record from now on (it learns only the join keys it already holds)."""
+        with session_scope(self.factory) as s:
+            rows = list(s.scalars(select(PsiMatch).where(PsiMatch.row_key == subject)))
+            by_agreement: dict[str, list[str]] = {}
+            for r in rows:
+                by_agreement.setdefault(r.agreement_id, []).append(r.join_key)
+            affected = {a: ag.AgreementSpec.model_validate(rec.spec) for a in by_agreement
+                        for rec in [s.scalars(select(SignedAgreementRecord).where(
+                            SignedAgreementRecord.agreement_id == a).order_by(
+                            SignedAgreementRecord.version.desc())).first()] if rec is not None}
+            purge = [r for r in rows if _covers(purpose, affected.get(r.agreement_id))]
+            for r in purge:
+                s.delete(r)
+            ref = self.consent.subject_ref(subject)
+            self.audit.append("consent.withdrawal_applied", {"subject_ref": ref, "purpose": purpose,
+                                                             "recipient": recipient, "purged_matches": len(purge)},
+                              session=s)
+        if recipient is None:
+            return
+        keys = [k for a, ks in by_agreement.items() if a in affected and
+                recipient in {p.name for p in affected[a].parties} for k in ks]
+        if not keys:
+            return
+        with self.coordinator() as c:
+            c.post("/v1/withdrawals", {"recipient": recipient, "purpose": purpose, "join_keys": keys,
+                                       "event_id": f"{ref}:{purpose}:{len(keys)}"})
+        self.audit.append("consent.withdrawal_forwarded", {"subject_ref": ref, "recipient": recipient,
+                                                           "purpose": purpose, "join_keys": len(keys)})
+
+    def apply_remote_withdrawal(self, from_party: str, purpose: str, join_keys: list[str], event_id: str) -> dict[str, Any]:
+        """Recipient side: exclude our rows matched to `from_party`'s withdrawn subject."""
+        with session_scope(self.factory) as s:
+            rows = list(s.scalars(select(PsiMatch).where(PsiMatch.join_key.in_(join_keys))))
+            agreements = {r.agreement_id for r in rows}
+            purposes = set()
+            for a in agreements:
+                rec = s.scalars(select(SignedAgreementRecord).where(SignedAgreementRecord.agreement_id == a)
+                                .order_by(SignedAgreementRecord.version.desc())).first()
+                if rec is not None and from_party in {p["name"] for p in rec.spec["parties"]}:
+                    purposes.update(rec.spec["purposes"])
+            subjects = sorted({r.row_key for r in rows if r.agreement_id in agreements})
+        excluded = 0
+        for subject in subjects:
+            for p in sorted(purposes | {purpose}):
+                self.consent.record_remote_withdrawal(subject, p, from_party, event_id=f"{event_id}:{p}")
+            excluded += 1
+        self.audit.append("consent.remote_withdrawal", {"from_party": from_party, "purpose": purpose,
+                                                        "join_keys": len(join_keys), "subjects_excluded": excluded})
+        return {"subjects_excluded": excluded}
+
     def publish_head(self) -> dict[str, Any]:
         """Sign the audit log's current head and hand it to the coordinator, with a consistency
         proof from the last head it keeps; it passes the head on to the other parties."""
@@ -365,3 +420,13 @@ class Node:
             ev.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.engine.dispose()
+
+
+def _covers(purpose: str, spec: "ag.AgreementSpec | None") -> bool:
+    """Whether a withdrawn `purpose` touches an agreement (same, parent or child of one of its
+    purposes, or any sharing with another party)."""
+    if spec is None:
+        return True
+    if purpose.startswith("sharing"):
+        return True
+    return any(p == purpose or p.startswith(purpose + ".") or purpose.startswith(p + ".") for p in spec.purposes)

@@ -180,3 +180,32 @@ def test_withdrawal_excludes_the_subject_from_later_jobs(world) -> None:  # type
                                       "action": "withdrawn", "channel": "app"})
     job = _run(net, "overlap")
     assert _private(net, "brand", job["id"])["overlap"]["intersection_size"] == len(_oracle(w)) - 1
+
+
+def test_per_recipient_withdrawal_reaches_the_recipient_node(world) -> None:  # type: ignore[no-untyped-def]
+    """PIPL Art. 23: a brand member withdraws the separate consent to share with the partner; the
+    brand purges its match record and the partner, told through the coordinator by join key only,
+    excludes its matching record from every later job with the brand."""
+    net, w = world
+    match = _run(net, "match")
+    before = _private(net, "brand", _run(net, "overlap")["id"])["overlap"]["intersection_size"]
+    brand_subject, partner_subject = sorted(_oracle(w))[1]
+    eng = create_engine(f"sqlite:///{net.workdir / 'brand' / 'node.db'}")
+    with eng.connect() as conn:
+        has = conn.execute(text("select count(*) from psi_matches where row_key = :r and job_id = :j"),
+                           {"r": brand_subject, "j": match["id"]}).scalar()
+    assert has == 1
+    with net.client("brand") as c:
+        res = c.post("/v1/consent/events", {"event_id": "w-share-1", "subject": brand_subject,
+                                            "purpose": "sharing.third_party", "recipient": "partner",
+                                            "action": "withdrawn", "channel": "app"})
+    assert res["hook_errors"] == []
+    with eng.connect() as conn:
+        left = conn.execute(text("select count(*) from psi_matches where row_key = :r"), {"r": brand_subject}).scalar()
+    eng.dispose()
+    assert left == 0  # purged at the brand
+    after = _run(net, "overlap")
+    partner = _private(net, "partner", after["id"])
+    assert partner["gate"]["denied"].get("withdrawn", 0) >= 1
+    assert _private(net, "brand", after["id"])["overlap"]["intersection_size"] == before - 1
+    assert partner_subject  # the partner never learned the brand's subject id, only its own row
