@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import ValidationError as PydanticValidationError
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -835,7 +835,9 @@ class ConsentStore:
                     )
                 fresh = [r for r in refs if r not in have]
             if fresh:
-                session.execute(insert(UsageSubject), [{"usage_id": row.id, "subject_ref": r} for r in fresh])
+                pg = session.get_bind().dialect.name == "postgresql"
+                _bulk_insert(session, "consent_usage_subjects", ("usage_id", "subject_ref"),
+                             [(row.id, r) for r in fresh], pg)
             row.subjects_count += len(fresh)
             self.audit.append(
                 "consent.usage",

@@ -221,7 +221,7 @@ def _store(url: str) -> ConsentStore:
     return store
 
 
-@pytest.mark.parametrize("examples", [100])
+@pytest.mark.parametrize("examples", [80])
 def test_gate_matches_reference_sqlite(tmp_path: Any, examples: int) -> None:
     store = _store(f"sqlite:///{tmp_path / 'prop.db'}")
 
@@ -236,7 +236,7 @@ def test_gate_matches_reference_sqlite(tmp_path: Any, examples: int) -> None:
 def test_gate_matches_reference_postgresql(pg_url: str) -> None:
     store = _store(pg_url)
 
-    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(histories())
     def check(h: dict[str, Any]) -> None:
         _check(store, h)

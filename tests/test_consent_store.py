@@ -73,17 +73,14 @@ def count(store: ConsentStore, model: Any) -> int:
         return int(s.scalar(select(func.count()).select_from(model)) or 0)
 
 
-def test_store_implements_the_gate_protocol(store: tuple[ConsentStore, RecordingAudit]) -> None:
-    s, _ = store
-    gate: ConsentGate = s  # type-checks against the protocol
-    d = gate.allowed([], "modeling", None, T0)
-    assert d.allowed == [] and d.denied_counts == {}
-
-
 def test_default_deny_grant_allows_and_parent_rule_covers_child(store: tuple[ConsentStore, RecordingAudit]) -> None:
     s, audit = store
+    gate: ConsentGate = s  # the store is the gate protocol jobs depend on
+    empty = gate.allowed([], "modeling", None, T0)
+    assert empty.allowed == [] and empty.denied_counts == {}
+    audit.entries.clear()
     s.record_events([ev("e1", "m1", "modeling"), ev("e2", "m2", "modeling.lead_scoring")])
-    d = s.allowed(["m1", "m2", "m3"], "modeling.lookalike", None, T0 + DAY)
+    d = gate.allowed(["m1", "m2", "m3"], "modeling.lookalike", None, T0 + DAY)
     assert d.allowed == ["m1"]
     assert d.evidence == {"m1": "e1"}
     assert d.denied_counts == {"no_consent": 2}  # a sibling's grant does not cover lookalike
@@ -216,15 +213,6 @@ def test_superseded_notice_only_for_changed_parts(store: tuple[ConsentStore, Rec
     assert s.allowed(["m1"], "modeling.lookalike", None, after).evidence == {"m1": "g5"}
 
 
-def test_notice_versions_are_immutable(store: tuple[ConsentStore, RecordingAudit]) -> None:
-    s, _ = store
-    again = s.register_notice(NOTICE_V1)  # same content: no-op
-    assert again.recipients == ["partner", "partner2"]
-    with pytest.raises(Conflict) as exc:
-        s.register_notice(dict(NOTICE_V1, text="changed"))
-    assert exc.value.details["field"] == "version"
-
-
 def test_duplicate_event_is_noop_and_conflicting_duplicate_is_refused(store: tuple[ConsentStore, RecordingAudit]) -> None:
     s, _ = store
     first = s.record(ev("e1", "m1", "modeling", identifier="13800000001"))
@@ -277,7 +265,7 @@ def test_oversized_batch_is_refused(db_url: str) -> None:
     assert count(s, ConsentEvent) == 0
 
 
-def test_gate_rejects_unknown_purpose_and_recipient(store: tuple[ConsentStore, RecordingAudit]) -> None:
+def test_gate_rejects_unknown_purpose_and_recipient_and_notices_are_immutable(store: tuple[ConsentStore, RecordingAudit]) -> None:
     s, audit = store
     with pytest.raises(ValidationError, match="purpose"):
         s.allowed(["m1"], "modeling.lookalikes", None, T0)
@@ -286,6 +274,12 @@ def test_gate_rejects_unknown_purpose_and_recipient(store: tuple[ConsentStore, R
     with pytest.raises(ValidationError, match="recipient"):
         s.allowed(["m1"], "sharing.third_party", None, T0)
     assert audit.kinds("consent.gate") == []
+    # Notice versions are immutable: same content is a no-op, other content a conflict.
+    again = s.register_notice(NOTICE_V1)
+    assert again.recipients == ["partner", "partner2"]
+    with pytest.raises(Conflict) as exc:
+        s.register_notice(dict(NOTICE_V1, text="changed"))
+    assert exc.value.details["field"] == "version"
 
 
 def test_erasure_shreds_identifiers_keeps_tombstone_and_denies(store: tuple[ConsentStore, RecordingAudit]) -> None:
