@@ -83,6 +83,11 @@ def psi_step(ctx: StepContext) -> dict[str, Any]:
     data = PartyData(subjects, {t: frame[c].tolist() for t, c in columns.items()})
     prepared = prepare_party(data, ctx.node.consent, purpose=rule.purpose, recipient=peer,
                              at=dt.datetime.now(dt.timezone.utc), id_types=id_types)
+    # Record of processing activities: which subjects entered this job, for which purpose.
+    entered = sorted({r for items in prepared.items.values() for i in range(len(items.values))
+                      for r in items.rows_of(i)})
+    ctx.node.consent.record_usage(ctx.job_id, rule.purpose, [subjects[r] for r in entered],
+                                  agreement_id=ctx.agreement.agreement_id, recipient=peer)
     values = {c: frame[c].tolist() for c in profile_cols} if me != requester else {}
     del frame, data
     n_items = max((len(p.values) for p in prepared.items.values()), default=0)

@@ -209,3 +209,13 @@ def test_per_recipient_withdrawal_reaches_the_recipient_node(world) -> None:  # 
     assert partner["gate"]["denied"].get("withdrawn", 0) >= 1
     assert _private(net, "brand", after["id"])["overlap"]["intersection_size"] == before - 1
     assert partner_subject  # the partner never learned the brand's subject id, only its own row
+
+
+def test_jobs_appear_in_the_record_of_processing_activities(world) -> None:  # type: ignore[no-untyped-def]
+    net, w = world
+    job = _run(net, "overlap")
+    with net.client("brand") as c:
+        report = c.get("/v1/consent/reports/processing")
+    text_ = json.dumps(report)
+    assert job["id"] in text_ and "audience.overlap" in text_
+    assert not any(ph in text_ for ph in w["brand"].values())
