@@ -54,6 +54,7 @@ class Coordinator:
             step_deadline_s=settings.step_deadline_s,
             poll_interval_s=settings.poll_interval_s,
         )
+        self.orchestrator.coordinator = self
 
     def _resolve(self, name: str):  # type: ignore[no-untyped-def]
         with session_scope(self.factory) as s:
@@ -268,4 +269,18 @@ def create_app(
         with session_scope(coord.factory) as s:
             return job_out(service.cancel_job(s, job_id, peer.name))
 
+    _mount_optional_routers(app, coord)
     return app
+
+
+def _mount_optional_routers(app: FastAPI, coord: Coordinator) -> None:
+    """Routers of capabilities that live in their own modules (e.g. the training arbiter)."""
+    import importlib
+
+    try:
+        module = importlib.import_module("coordinator.arbiter")
+    except ModuleNotFoundError as exc:
+        if exc.name != "coordinator.arbiter":
+            raise
+        return
+    app.include_router(module.arbiter_router(coord, PARTY))

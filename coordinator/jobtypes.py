@@ -32,6 +32,9 @@ class JobType(Protocol):
 
     def finalize(self, spec: AgreementSpec, params: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]: ...
 
+    # Optional: `on_start(coordinator, job_id, spec, params)` runs once when the job starts
+    # running (e.g. the vertical-training arbiter); it must return quickly (start a thread).
+
 
 class DatasetStats:
     """Row counts and schema of each party's contributed datasets; nothing else."""
@@ -75,7 +78,15 @@ register(DatasetStats())
 
 def _load_builtin() -> None:
     # Job types of the capability packages register themselves on import.
+    import importlib
+
     import coordinator.psi_jobs  # noqa: F401
+
+    try:
+        importlib.import_module("coordinator.vfl_jobs")
+    except ModuleNotFoundError as exc:
+        if exc.name != "coordinator.vfl_jobs":
+            raise
 
 
 _load_builtin()

@@ -56,6 +56,7 @@ class Orchestrator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        self.coordinator: Any = None  # set by the app: job types with on_start get it
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -123,6 +124,7 @@ class Orchestrator:
                 return
             av = service.get_version(s, job.agreement_id, job.version)
             signed = service.to_signed(av)
+            started = None
             if job.status == "pending":
                 jt = job_type(job.type)
                 for i, plan in enumerate(jt.plan(signed.spec, job.params)):
@@ -131,6 +133,7 @@ class Orchestrator:
                 job.status = "running"
                 job.started_at = utcnow()
                 service.record(s, "job.started", "coordinator", job_id=job.id)
+                started = (jt, job.id, signed.spec, dict(job.params))
                 s.flush()
                 s.refresh(job)
             steps = [(st.id, st.stage, st.name, st.party, st.status, st.attempt,
@@ -138,6 +141,8 @@ class Orchestrator:
                      for st in job.steps]
             job_info = {"job_id": job.id, "job_type": job.type, "requester": job.requester,
                         "params": job.params, "agreement": signed.model_dump(mode="json")}
+        if started is not None and hasattr(started[0], "on_start") and self.coordinator is not None:
+            started[0].on_start(self.coordinator, started[1], started[2], started[3])
         open_stages = sorted({stage for _, stage, _, _, status, _, _ in steps if status != "succeeded"})
         if not open_stages:
             self._finish(job_id)

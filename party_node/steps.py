@@ -60,7 +60,15 @@ def register(job_type: str, fn: Executor) -> None:
 
 
 def _load_builtin() -> None:
-    import party_node.psi_steps  # noqa: F401  (registers overlap and match)
+    import importlib
+
+    import party_node.psi_steps  # noqa: F401  (registers overlap, match, profile)
+
+    try:
+        importlib.import_module("party_node.vfl_steps")
+    except ModuleNotFoundError as exc:
+        if exc.name != "party_node.vfl_steps":
+            raise
 
 
 def executor_for(job_type: str) -> Executor:
