@@ -84,3 +84,31 @@ def schema_diff(engine: Engine, metadata: MetaData | Sequence[MetaData]) -> list
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         return list(compare_metadata(ctx, metadata))  # type: ignore[arg-type]
+
+
+def run_migrations_env(context, target_metadata, include_object=None) -> None:  # type: ignore[no-untyped-def]
+    """The body of every Alembic `env.py` here: use the caller's connection when given (so a
+    service migrates inside its own transaction), render custom types as their storage types."""
+    from sqlalchemy.types import TypeDecorator
+
+    def render_item(type_, obj, autogen_context):  # type: ignore[no-untyped-def]
+        # Migrations never import app code: a TypeDecorator is written as its storage type.
+        if type_ == "type" and isinstance(obj, TypeDecorator):
+            autogen_context.imports.add("import sqlalchemy as sa")
+            return "sa." + repr(obj.impl)
+        return False
+
+    def run(conn) -> None:  # type: ignore[no-untyped-def]
+        context.configure(connection=conn, target_metadata=target_metadata, compare_type=True,
+                          render_item=render_item, include_object=include_object,
+                          render_as_batch=conn.dialect.name == "sqlite")
+        with context.begin_transaction():
+            context.run_migrations()
+
+    conn = context.config.attributes.get("connection")
+    if conn is not None:
+        run(conn)
+        return
+    engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+    with engine.begin() as conn:
+        run(conn)

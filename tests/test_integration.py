@@ -52,6 +52,22 @@ features:
 """
 
 
+def setup_walk(net: LocalNet, work: Path) -> None:
+    """Register both nodes, ingest their small datasets, and make `coffee-2026` active."""
+    for party, data, schema, name in (("brand", MEMBERS, MEMBERS_SCHEMA, "members"),
+                                      ("partner", PEOPLE, PEOPLE_SCHEMA, "people")):
+        (work / f"{name}.csv").write_text(data)
+        (work / f"{name}.schema.yaml").write_text(schema)
+        confide("node", "register", "--config", str(net.config(party)))
+        confide("node", "ingest", str(work / f"{name}.csv"), "--schema", str(work / f"{name}.schema.yaml"),
+                "--config", str(net.config(party)))
+    with net.client("brand") as c:
+        doc = c.post("/v1/admin/agreements", spec(datasets={"brand": ["members"], "partner": ["people"]}))
+        c.post("/v1/admin/agreements/coffee-2026/versions/1/sign", {"digest": doc["digest"]})
+    with net.client("partner") as c:
+        assert c.post("/v1/admin/agreements/coffee-2026/versions/1/sign", {})["status"] == "active"
+
+
 def confide(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, "-m", "confide", *args], capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from confide.localnet import LocalNet
-from tests.helpers import spec
-from tests.test_integration import MEMBERS, MEMBERS_SCHEMA, PEOPLE, PEOPLE_SCHEMA, confide, wait_job
+from tests.test_integration import confide, setup_walk, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -19,18 +18,7 @@ def test_registration_agreement_and_job_on_postgresql(tmp_path: Path, request: p
     with LocalNet(tmp_path, [("brand", "brand"), ("partner", "partner")], database_urls=urls,
                   coordinator_settings={"poll_interval_s": 0.1}) as net:
         net.start_all()
-        for party, data, schema, name in (("brand", MEMBERS, MEMBERS_SCHEMA, "members"),
-                                          ("partner", PEOPLE, PEOPLE_SCHEMA, "people")):
-            (tmp_path / f"{name}.csv").write_text(data)
-            (tmp_path / f"{name}.schema.yaml").write_text(schema)
-            confide("node", "register", "--config", str(net.config(party)))
-            confide("node", "ingest", str(tmp_path / f"{name}.csv"), "--schema", str(tmp_path / f"{name}.schema.yaml"),
-                    "--config", str(net.config(party)))
-        with net.client("brand") as c:
-            doc = c.post("/v1/admin/agreements", spec(datasets={"brand": ["members"], "partner": ["people"]}))
-            c.post("/v1/admin/agreements/coffee-2026/versions/1/sign", {"digest": doc["digest"]})
-        with net.client("partner") as c:
-            assert c.post("/v1/admin/agreements/coffee-2026/versions/1/sign", {})["status"] == "active"
+        setup_walk(net, tmp_path)
         out = confide("node", "job", "create", "--type", "dataset-stats", "--agreement", "coffee-2026", "--wait",
                       "--json", "--config", str(net.config("brand")))
         job = json.loads(out.stdout)

@@ -9,8 +9,7 @@ from typing import Iterator
 import pytest
 
 from confide.localnet import LocalNet
-from tests.helpers import spec
-from tests.test_integration import MEMBERS, MEMBERS_SCHEMA, PEOPLE, PEOPLE_SCHEMA, confide, wait_job
+from tests.test_integration import confide, setup_walk, wait_job
 
 pytestmark = pytest.mark.slow
 DELAY = "2.5"
@@ -23,18 +22,7 @@ def net(tmp_path) -> Iterator[LocalNet]:  # type: ignore[no-untyped-def]
         n.start("coordinator")
         n.start("brand")
         n.start("partner", extra_env={"CONFIDE_NODE_TEST_STEP_DELAY_S": DELAY})
-        for party, data, schema, name in (("brand", MEMBERS, MEMBERS_SCHEMA, "members"),
-                                          ("partner", PEOPLE, PEOPLE_SCHEMA, "people")):
-            (tmp_path / f"{name}.csv").write_text(data)
-            (tmp_path / f"{name}.schema.yaml").write_text(schema)
-            confide("node", "register", "--config", str(n.config(party)))
-            confide("node", "ingest", str(tmp_path / f"{name}.csv"), "--schema", str(tmp_path / f"{name}.schema.yaml"),
-                    "--config", str(n.config(party)))
-        with n.client("brand") as c:
-            doc = c.post("/v1/admin/agreements", spec(datasets={"brand": ["members"], "partner": ["people"]}))
-            c.post("/v1/admin/agreements/coffee-2026/versions/1/sign", {"digest": doc["digest"]})
-        with n.client("partner") as c:
-            assert c.post("/v1/admin/agreements/coffee-2026/versions/1/sign", {})["status"] == "active"
+        setup_walk(n, tmp_path)
         yield n
 
 
