@@ -1,0 +1,267 @@
+"""The vertical-training arbiter at the coordinator, and its authenticated mailbox.
+
+The arbiter holds the job's Paillier private key; it lives only in this process's memory. The
+parties of a `train` job talk to it through two endpoints (party <-> party messages go over the
+end-to-end encrypted relay instead, which this module never touches):
+
+    PUT /v1/arbiter/{job_id}/in/{seq}    party -> arbiter; body = one message; the sender is the
+                                          authenticated peer; seq 0, 1, 2, ... per sender
+    GET /v1/arbiter/{job_id}/out/{seq}   arbiter -> the calling party, its seq-th message
+                                          (404 until it exists; waits up to `LONG_POLL_S` first)
+
+Wire format of a mailbox body: one byte `C` + JSON (control) or `M` + `federated.messages.encode`.
+A party's first message is the control `{"rows": <matched training rows after both consent
+gates>}`; when every party has sent the same count the arbiter makes its key (`ArbiterRole`)
+and the protocol runs as in docs/vfl.md §4. After training, each party sends its masked
+`ScoreShare` of the held-out rows (request `heldout`); the arbiter returns the scores to the
+guest only and the session ends.
+
+What the arbiter sees: row counts, masked aggregates it decrypts, the per-epoch loss and the
+held-out scores (docs/vfl.md §2). Messages are kept in memory per job, never in the database:
+a coordinator restart mid-training loses the session, the parties' next mailbox call gets 409
+and their steps fail, so the orchestrator fails the job with that reason (rerun the job).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from confide.auth import Peer
+from confide.db import session_scope
+from confide.errors import Conflict, NotFound, PermissionDenied, ProtocolError, ValidationError
+
+log = logging.getLogger("confide.coordinator.arbiter")
+ARBITER = "coordinator"  # the arbiter's party name in the protocol (docs/vfl.md §4)
+EVAL_REQUEST = "heldout"
+LONG_POLL_S = 5.0
+IDLE_S = 1800.0  # no message for this long: the session fails
+KEEP_S = 600.0  # a finished session's outbox stays this long for the parties to fetch
+MAX_AHEAD = 10_000  # out-of-order window per sender
+MAX_BODY = 64 * 1024 * 1024
+
+
+@dataclass
+class Session:
+    job_id: str
+    guest: str
+    hosts: list[str]
+    config: dict[str, Any]
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    inbox: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    next_in: dict[str, int] = field(default_factory=dict)
+    outbox: dict[str, list[bytes]] = field(default_factory=dict)
+    error: str | None = None
+    done: bool = False
+    last_activity: float = field(default_factory=time.monotonic)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parties(self) -> list[str]:
+        return [self.guest, *self.hosts]
+
+
+_SESSIONS: dict[str, Session] = {}
+_LOCK = threading.Lock()
+
+
+def check_match_job(coord: Any, job_id: str, match_job: str) -> None:
+    """The match job must have succeeded under the same agreement as the training job."""
+    from coordinator.storage.models import Job
+
+    with session_scope(coord.factory) as s:
+        job, match = s.get(Job, job_id), s.get(Job, match_job)
+        if match is None or match.type != "match":
+            raise ValidationError(f"match_job {match_job!r} is not a match job")
+        if job is None or match.agreement_id != job.agreement_id:
+            raise ValidationError(f"match job {match_job} ran under another agreement")
+        if match.status != "succeeded":
+            raise ValidationError(f"match job {match_job} is {match.status}, not succeeded")
+
+
+def start_session(coord: Any, job_id: str, params: dict[str, Any]) -> Session:
+    sess = Session(job_id=job_id, guest=params["guest"], hosts=list(params["hosts"]), config=dict(params["train"]))
+    sess.next_in = {p: 0 for p in sess.parties}
+    sess.outbox = {p: [] for p in sess.parties}
+    with _LOCK:
+        _SESSIONS[job_id] = sess
+    threading.Thread(target=_run, args=(coord, sess), name=f"arbiter-{job_id[:8]}", daemon=True).start()
+    return sess
+
+
+def session(job_id: str) -> Session | None:
+    with _LOCK:
+        return _SESSIONS.get(job_id)
+
+
+def _job_over(coord: Any, job_id: str) -> str | None:
+    from coordinator.storage.models import Job
+
+    try:
+        with session_scope(coord.factory) as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return "deleted"
+            return job.status if job.status in ("succeeded", "failed", "cancelled") else None
+    except Exception:  # noqa: BLE001 - the database hiccuped: look again later
+        return None
+
+
+def _next_message(coord: Any, sess: Session) -> tuple[str, bytes]:
+    """The next in-order message of any sender (oldest sender first), waiting for one."""
+    last_check = time.monotonic()
+    with sess.cond:
+        while True:
+            for p in sess.parties:
+                data = sess.inbox.pop((p, sess.next_in[p]), None)
+                if data is not None:
+                    sess.next_in[p] += 1
+                    return p, data
+            if time.monotonic() - sess.last_activity > IDLE_S:
+                raise ProtocolError(f"no message from the parties for {IDLE_S:.0f}s")
+            if time.monotonic() - last_check > 5.0:
+                sess.cond.release()
+                try:
+                    over = _job_over(coord, sess.job_id)
+                finally:
+                    sess.cond.acquire()
+                if over:
+                    raise ProtocolError(f"job is {over}")
+                last_check = time.monotonic()
+            sess.cond.wait(1.0)
+
+
+def _post(sess: Session, out: list[tuple[str, Any]]) -> None:
+    from federated import messages as m
+
+    with sess.cond:
+        for to, msg in out:
+            if to not in sess.outbox:
+                raise ProtocolError(f"the arbiter tried to send to {to!r}, not a party of the job")
+            sess.outbox[to].append(b"M" + m.encode(msg))
+        sess.cond.notify_all()
+
+
+def _run(coord: Any, sess: Session) -> None:
+    from federated import messages as m
+    from federated import roles as R
+
+    rows: dict[str, int] = {}
+    role: R.ArbiterRole | None = None
+    try:
+        cfg = R.TrainConfig(**sess.config)
+        while True:
+            sender, data = _next_message(coord, sess)
+            if data[:1] == b"C":
+                if role is not None or sender in rows:
+                    raise ProtocolError(f"unexpected control message from {sender}")
+                try:
+                    ctl = json.loads(data[1:])
+                    n = int(ctl["rows"])
+                except Exception:  # noqa: BLE001
+                    raise ProtocolError(f"bad control message from {sender}") from None
+                rows[sender] = n
+                if set(rows) == set(sess.parties):
+                    if len(set(rows.values())) != 1:
+                        raise ValidationError("the parties hold different numbers of training rows; "
+                                              "their consent-gated rows are not aligned")
+                    role = R.ArbiterRole(ARBITER, sess.job_id, cfg, guest=sess.guest, hosts=sess.hosts,
+                                         rows=n)
+                    sess.stats["train_rows"] = n
+                    _post(sess, role.start())
+                continue
+            if data[:1] != b"M" or role is None:
+                raise ProtocolError(f"{sender} sent a protocol message before the row counts")
+            msg = m.decode(data[1:])
+            if msg.sender != sender:
+                raise ProtocolError(f"{sender} sent a message signed as {msg.sender!r}")
+            if isinstance(msg, m.ScoreShare) and (not role.finished or msg.request_id != EVAL_REQUEST):
+                raise ProtocolError("score shares are taken only for the held-out rows, after training")
+            out = role.handle(msg)
+            _post(sess, out)
+            if any(isinstance(x, m.Scores) for _, x in out):
+                sess.stats.update(epochs=len(role.losses), decrypted_values=role.decrypted_values)
+                break
+        with sess.cond:
+            sess.done = True
+            sess.cond.notify_all()
+        log.info("arbiter for job %s finished: %s", sess.job_id, sess.stats)
+    except Exception as exc:  # noqa: BLE001 - reported to the parties, who fail their steps
+        msg = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        log.warning("arbiter for job %s failed: %s", sess.job_id, msg)
+        with sess.cond:
+            sess.error = msg
+            sess.cond.notify_all()
+    finally:
+        role = None  # drop the private key
+        timer = threading.Timer(KEEP_S, _forget, args=(sess.job_id,))
+        timer.daemon = True
+        timer.start()
+
+
+def _forget(job_id: str) -> None:
+    with _LOCK:
+        _SESSIONS.pop(job_id, None)
+
+
+def _session_for(coord: Any, job_id: str, peer: str) -> Session:
+    from coordinator import service
+
+    with session_scope(coord.factory) as s:
+        service.get_job(s, job_id, peer)  # NotFound unless the peer is a party of the job's agreement
+    sess = session(job_id)
+    if sess is None:
+        raise Conflict(f"no arbiter is running for job {job_id} (finished, or the coordinator restarted: "
+                       "rerun the job)")
+    if peer not in sess.parties:
+        raise PermissionDenied(f"{peer!r} is not a party of training job {job_id}")
+    return sess
+
+
+def arbiter_router(coord: Any, party_dep: Callable[..., Any]) -> APIRouter:
+    router = APIRouter()
+
+    @router.put("/v1/arbiter/{job_id}/in/{seq}")
+    async def put_in(job_id: str, seq: int, request: Request, peer: Peer = Depends(party_dep)) -> dict[str, int]:
+        body = await request.body()
+        if not body or len(body) > MAX_BODY:
+            raise ValidationError("arbiter mailbox: empty or oversized message")
+        sess = _session_for(coord, job_id, peer.name)
+        with sess.cond:
+            if sess.error:
+                raise Conflict(f"the arbiter failed: {sess.error}")
+            if sess.done:
+                raise Conflict(f"the arbiter of job {job_id} has finished")
+            nxt = sess.next_in[peer.name]
+            if seq < nxt or (peer.name, seq) in sess.inbox:
+                raise Conflict(f"arbiter message #{seq} from {peer.name} already sent (replay?)")
+            if seq >= nxt + MAX_AHEAD:
+                raise ValidationError("arbiter mailbox: sequence number too far ahead")
+            sess.inbox[(peer.name, seq)] = body
+            sess.last_activity = time.monotonic()
+            sess.cond.notify_all()
+        return {"bytes": len(body)}
+
+    @router.get("/v1/arbiter/{job_id}/out/{seq}")
+    def get_out(job_id: str, seq: int, peer: Peer = Depends(party_dep)) -> Response:
+        sess = _session_for(coord, job_id, peer.name)
+        deadline = time.monotonic() + LONG_POLL_S
+        with sess.cond:
+            while True:
+                box = sess.outbox[peer.name]
+                if 0 <= seq < len(box):
+                    return Response(content=box[seq], media_type="application/octet-stream")
+                if sess.error:
+                    raise Conflict(f"the arbiter failed: {sess.error}")
+                left = deadline - time.monotonic()
+                if sess.done or left <= 0:
+                    raise NotFound(f"arbiter: no message #{seq} for {peer.name} yet")
+                sess.cond.wait(left)
+
+    return router

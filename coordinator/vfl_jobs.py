@@ -1,0 +1,137 @@
+"""Vertical training job type `train` (coordinated hetero logistic regression, docs/vfl.md).
+
+One stage, one step per party: `train@<guest>` (the label holder, the brand) and
+`train@<host>` per feature holder named in `host_features`. The arbiter (Paillier private key)
+runs at the coordinator, started by `on_start` in a background thread (`coordinator.arbiter`).
+
+    params = {"match_job": "<id of a succeeded match job>", "label": "converted",
+              "guest_features": ["x0", ...], "host_features": {"partner": ["x0", ...]},
+              "test_fraction": 0.2, "seed": 42, "train": {<federated.roles.TrainConfig fields>}}
+
+What the coordinator keeps (`finalize`): a model registry entry — model version (= the job id),
+agreement, data sizes, feature names, training config, epochs and stop reason. The held-out
+metrics stay in the guest's private step result (leakage table: the brand learns its metrics),
+the model parts (weights, mask seeds) in each party's private step result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confide.agreements import AgreementSpec
+from confide.errors import ConfideError, ValidationError
+from coordinator.jobtypes import StepPlan, register
+
+PARAMS = {"match_job", "label", "guest_features", "host_features", "test_fraction", "seed", "train"}
+
+
+def _agreed(spec: AgreementSpec, party: str) -> set[str]:
+    return {c for cols in spec.party(party).columns.values() for c in cols}
+
+
+def _names(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+        raise ValidationError(f"{what} must be a non-empty list of column names", field=what)
+    if len(set(value)) != len(value):
+        raise ValidationError(f"{what} lists a column twice", field=what)
+    return list(value)
+
+
+class TrainJob:
+    name = "train"
+
+    def validate_params(self, spec: AgreementSpec, params: dict[str, Any]) -> dict[str, Any]:
+        from federated.roles import TrainConfig
+
+        unknown = set(params) - PARAMS
+        if unknown:
+            raise ValidationError(f"train takes {sorted(PARAMS)}, not {sorted(unknown)}", field="params")
+        match_job = params.get("match_job")
+        if not isinstance(match_job, str) or not match_job:
+            raise ValidationError("name the match job whose join keys align the rows (params.match_job)",
+                                  field="match_job")
+        guests = [p.name for p in spec.parties if p.role == "label_holder"]
+        if len(guests) != 1:
+            raise ValidationError("vertical training needs exactly one label holder in the agreement")
+        guest = guests[0]
+        label = params.get("label")
+        if not isinstance(label, str) or not label:
+            raise ValidationError("name the label column (params.label)", field="label")
+        guest_features = _names(params.get("guest_features"), "guest_features")
+        agreed = _agreed(spec, guest)
+        for c in [label, *guest_features]:
+            if c not in agreed:
+                raise ValidationError(f"column {c!r} is not among {guest}'s agreed columns {sorted(agreed)}",
+                                      field="guest_features" if c != label else "label")
+        if label in guest_features:
+            raise ValidationError("the label cannot also be a feature", field="label")
+        hf = params.get("host_features")
+        if not isinstance(hf, dict) or not hf:
+            raise ValidationError("host_features maps each partner to its feature columns", field="host_features")
+        host_features: dict[str, list[str]] = {}
+        for host, cols in hf.items():
+            names = {p.name: p.role for p in spec.parties}
+            if names.get(host) != "feature_holder":
+                raise ValidationError(f"{host!r} is not a feature holder of the agreement", field="host_features")
+            cols = _names(cols, f"host_features.{host}")
+            agreed = _agreed(spec, host)
+            for c in cols:
+                if c not in agreed:
+                    raise ValidationError(f"column {c!r} is not among {host}'s agreed columns {sorted(agreed)}",
+                                          field="host_features")
+            host_features[host] = cols
+        tf = params.get("test_fraction", 0.2)
+        if not isinstance(tf, (int, float)) or isinstance(tf, bool) or not 0.0 < float(tf) < 1.0:
+            raise ValidationError("test_fraction must be in (0, 1): the held-out rows give the metrics",
+                                  field="test_fraction")
+        seed = params.get("seed", 42)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValidationError("seed must be an integer", field="seed")
+        raw = params.get("train") or {}
+        if not isinstance(raw, dict):
+            raise ValidationError("train must be a mapping of training settings", field="train")
+        try:
+            cfg = TrainConfig(**{"k_min": spec.k_min, **raw, "seed": seed})
+        except ConfideError:
+            raise
+        except Exception as exc:  # pydantic's error names the bad field
+            raise ValidationError(f"bad training settings: {exc}", field="train") from None
+        if cfg.k_min < spec.k_min:
+            raise ValidationError(f"train.k_min may not be below the agreement's k_min={spec.k_min}", field="train")
+        cfg.check_keys()
+        return {"match_job": match_job, "label": label, "guest": guest, "hosts": sorted(host_features),
+                "guest_features": guest_features, "host_features": host_features,
+                "test_fraction": float(tf), "seed": seed, "train": cfg.model_dump(mode="json")}
+
+    def plan(self, spec: AgreementSpec, params: dict[str, Any]) -> list[StepPlan]:
+        return [StepPlan(f"train@{p}", p, 0, {}) for p in [params["guest"], *params["hosts"]]]
+
+    def on_start(self, coordinator: Any, job_id: str, spec: AgreementSpec, params: dict[str, Any]) -> None:
+        from coordinator import arbiter
+
+        arbiter.check_match_job(coordinator, job_id, params["match_job"])
+        arbiter.start_session(coordinator, job_id, params)
+
+    def finalize(self, spec: AgreementSpec, params: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        guest = results.get(f"train@{params['guest']}", {})
+        parties = [params["guest"], *params["hosts"]]
+        sizes = {(results.get(f"train@{p}") or {}).get("train_rows") for p in parties}
+        if len(sizes) != 1:
+            raise ValidationError("the parties report different numbers of training rows")
+        return {
+            "model": {
+                "version": guest.get("model_version"),
+                "agreement_id": spec.agreement_id,
+                "match_job": params["match_job"],
+                "label": params["label"],
+                "features": {params["guest"]: params["guest_features"], **params["host_features"]},
+                "parts_at": {p: "the party's node (private step result)" for p in parties},
+            },
+            "data": {"train_rows": guest.get("train_rows"), "test_rows": guest.get("test_rows")},
+            "training": {"config": params["train"], "test_fraction": params["test_fraction"],
+                         "epochs": guest.get("epochs"), "stop_reason": guest.get("stop_reason")},
+            "evaluation_at": f"{params['guest']}'s node (private step result)",
+        }
+
+
+register(TrainJob())

@@ -1,0 +1,328 @@
+"""A node's side of the vertical `train` job (docs/vfl.md §4): align, gate, train, evaluate.
+
+1. Rows: this node's rows matched by the PSI `match` job `params.match_job` (`psi_matches`),
+   ordered by join key — the same order at every party.
+2. Consent gate at this node (purpose = the agreement rule's purpose for `train`, recipient =
+   each other party). The parties then agree on the rows allowed at *every* node: each sends the
+   others, over the end-to-end encrypted relay (channel `vfl.gate`), SHA-256(job id, join key) of
+   its allowed matched rows; each keeps the intersection. A party so learns which of the shared
+   matched rows the other side excluded — which it must learn anyway to align the training rows
+   — and nothing about rows outside the match.
+3. The same train/held-out split everywhere (`split_indices`); the party runs GuestRole or
+   HostRole: party <-> party messages over the relay (channel `vfl`), party <-> arbiter over the
+   coordinator's arbiter mailbox (`coordinator.arbiter`).
+4. Held-out evaluation: masked partial logits to the arbiter, 0-1 scores to the guest only; the
+   guest computes the metrics and the guest-only baseline trained the same way.
+
+Private step result (this party's operator only): the model part (weights, mask seeds, feature
+names) and, at the guest, the held-out metrics. To the coordinator: sizes, epochs, model version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+from sqlalchemy import select
+
+from confide.db import session_scope
+from confide.errors import AgreementError, ConfideError, NotFound, ProtocolError, ValidationError
+from party_node.relay import RelayChannel
+from party_node.steps import PRIVATE, StepContext, register
+from party_node.storage.models import PsiMatch
+
+ARBITER = "coordinator"
+EVAL_REQUEST = "heldout"
+WAIT_S = 1800.0  # longest wait for any one message (the peers' one-off encryption can be long)
+POOL_ROWS = 2_000  # from this many training rows, heavy Paillier work goes to a process pool
+
+
+def _key_digest(job_id: str, join_key: str) -> str:
+    return hashlib.sha256(f"{job_id}\x00{join_key}".encode()).hexdigest()
+
+
+class _Links:
+    """Receives from every peer (relay) and the arbiter (mailbox) on background threads into one
+    queue; sends on the caller's thread."""
+
+    def __init__(self, ctx: StepContext, peers: list[str]) -> None:
+        self.ctx = ctx
+        self.stop = threading.Event()
+        self.relay = RelayChannel(ctx.node, ctx.job_id, "vfl", self.stop)
+        self.q: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._arb_seq = 0
+        self.bytes_to_arbiter = 0
+        self._threads = [threading.Thread(target=self._from_peer, args=(p,), daemon=True) for p in peers]
+        self._threads.append(threading.Thread(target=self._from_arbiter, daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def _from_peer(self, peer: str) -> None:
+        from federated import messages as m
+
+        try:
+            while not self.stop.is_set():
+                self.q.put(("msg", m.decode(self.relay.recv(peer, timeout=WAIT_S))))
+        except Exception as exc:  # noqa: BLE001 - handed to the step's thread
+            if not self.stop.is_set():
+                self.q.put(("error", exc))
+
+    def _from_arbiter(self) -> None:
+        from federated import messages as m
+
+        seq = 0
+        try:
+            with self.ctx.node.coordinator() as c:
+                deadline = time.monotonic() + WAIT_S
+                while not self.stop.is_set():
+                    try:
+                        data = c.request("GET", f"/v1/arbiter/{self.ctx.job_id}/out/{seq}", raw=True)
+                    except NotFound:  # the server waited a few seconds already
+                        if time.monotonic() > deadline:
+                            raise ProtocolError(f"no message from the arbiter within {WAIT_S:.0f}s") from None
+                        continue
+                    if data[:1] != b"M":
+                        raise ProtocolError("malformed message from the arbiter")
+                    self.q.put(("msg", m.decode(data[1:])))
+                    seq += 1
+                    deadline = time.monotonic() + WAIT_S
+        except Exception as exc:  # noqa: BLE001
+            if not self.stop.is_set():
+                self.q.put(("error", exc))
+
+    def to_arbiter(self, body: bytes) -> None:
+        with self.ctx.node.coordinator() as c:
+            c.request("PUT", f"/v1/arbiter/{self.ctx.job_id}/in/{self._arb_seq}", content=body,
+                      content_type="application/octet-stream")
+        self._arb_seq += 1
+        self.bytes_to_arbiter += len(body)
+
+    def send(self, out: list[tuple[str, Any]]) -> None:
+        from federated import messages as m
+
+        for to, msg in out:
+            if to == ARBITER:
+                self.to_arbiter(b"M" + m.encode(msg))
+            else:
+                self.relay.send(to, m.encode(msg))
+
+    def recv(self) -> Any:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            if self.ctx.cancelled.is_set():
+                raise ProtocolError("step cancelled")
+            try:
+                kind, item = self.q.get(timeout=0.5)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise ProtocolError(f"no training message within {WAIT_S:.0f}s") from None
+                continue
+            if kind == "error":
+                if isinstance(item, ConfideError):
+                    raise item
+                raise ProtocolError(f"training link failed: {type(item).__name__}: {item}")
+            return item
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+def _dataset_and_frame(ctx: StepContext, match_job: str, columns: list[str]) -> tuple[str, str, Any, dict[str, str]]:
+    """(dataset, key column, frame of matched rows with `columns`, row key -> join key)."""
+    from party_node import datasets as ds
+
+    with session_scope(ctx.node.factory) as s:
+        rows = s.execute(select(PsiMatch.row_key, PsiMatch.join_key, PsiMatch.dataset, PsiMatch.agreement_id)
+                         .where(PsiMatch.job_id == match_job)).all()
+        if not rows:
+            raise ValidationError(f"this node holds no matched rows of match job {match_job}; run a match job first",
+                                  field="match_job")
+        if {r[3] for r in rows} != {ctx.agreement.agreement_id}:
+            raise AgreementError(f"match job {match_job} ran under another agreement")
+        datasets = {r[2] for r in rows}
+        if len(datasets) != 1:
+            raise ValidationError(f"match job {match_job} matched rows of several datasets here")
+        dataset = datasets.pop()
+        agreed = set(ctx.me.columns.get(dataset, []))
+        missing = [c for c in columns if c not in agreed]
+        if missing:
+            raise AgreementError(f"columns {missing} are not agreed for dataset {dataset!r}")
+        info = ds.describe(s, dataset)
+    key = next(c["column"] for c in info["columns"] if c["role"] == "key")
+    joins = {str(r[0]): str(r[1]) for r in rows}
+    frame = ds.load_frame(ctx.node.engine, dataset, list(dict.fromkeys([key, *columns])))
+    frame[key] = frame[key].astype(str)
+    frame = frame[frame[key].isin(joins)]
+    if frame[key].duplicated().any():
+        raise ValidationError(f"dataset {dataset!r} has duplicate row keys among the matched rows")
+    return dataset, key, frame, joins
+
+
+def _matrix(frame: Any, columns: list[str], what: str) -> np.ndarray:
+    from federated.roles import check_features
+
+    for c in columns:
+        col = frame[c]
+        if col.isna().any():
+            raise ValidationError(f"{what}: feature column {c!r} has {int(col.isna().sum())} missing values among "
+                                  "the training rows; impute them first", field="features")
+        try:
+            frame[c].astype("float64")
+        except (TypeError, ValueError):
+            raise ValidationError(f"{what}: feature column {c!r} is not numeric", field="features") from None
+    return check_features(frame[columns].astype("float64").to_numpy(), what)
+
+
+def _agree_rows(ctx: StepContext, allowed_keys: set[str], others: list[str]) -> set[str]:
+    """The join keys allowed at every node (see the module docstring)."""
+    ch = RelayChannel(ctx.node, ctx.job_id, "vfl.gate", ctx.cancelled)
+    mine = {_key_digest(ctx.job_id, k): k for k in allowed_keys}
+    payload = json.dumps(sorted(mine)).encode()
+    for p in others:
+        ch.send(p, payload)
+    keep = set(mine)
+    for p in others:
+        try:
+            theirs = json.loads(ch.recv(p, timeout=WAIT_S))
+        except ValueError:
+            raise ProtocolError(f"{p} sent a malformed list of allowed rows") from None
+        if not isinstance(theirs, list):
+            raise ProtocolError(f"{p} sent a malformed list of allowed rows")
+        keep &= set(map(str, theirs))
+    return {mine[d] for d in keep}
+
+
+def train_step(ctx: StepContext) -> dict[str, Any]:
+    from federated import messages as m
+    from federated import roles as R
+    from federated.executor import InProcessExecutor, ProcessPoolExecutor
+    from federated.metrics import evaluate
+
+    t0 = time.perf_counter()
+    p = ctx.params
+    me = ctx.node.identity.name
+    guest, hosts = p["guest"], list(p["hosts"])
+    if me != guest and me not in hosts:
+        raise AgreementError(f"{me!r} has no role in this training job")
+    is_guest = me == guest
+    others = [x for x in [guest, *hosts] if x != me]
+    rule = ctx.agreement.spec.rule(ctx.job_type or "train")
+    features = list(p["guest_features"] if is_guest else p["host_features"][me])
+    columns = features + ([p["label"]] if is_guest else [])
+    dataset, key, frame, joins = _dataset_and_frame(ctx, p["match_job"], columns)
+
+    # Consent gate at this node, for each party the model's use involves.
+    now = dt.datetime.now(dt.timezone.utc)
+    subjects = frame[key].tolist()
+    allowed = set(subjects)
+    denied: dict[str, int] = {}
+    for other in others:
+        decision = ctx.node.consent.allowed(subjects, rule.purpose, other, now)
+        allowed &= set(decision.allowed)
+        for reason, n in decision.denied_counts.items():
+            denied[reason] = max(denied.get(reason, 0), n)
+    final = _agree_rows(ctx, {joins[s] for s in allowed}, others)
+    frame = frame.assign(_join=frame[key].map(joins))
+    frame = frame[frame["_join"].isin(final)].sort_values("_join", kind="stable")
+    if len(frame) != len(final):
+        raise ValidationError("the agreed rows are not all present at this node; rerun the match job")
+    used = frame[key].tolist()
+    for other in others:
+        ctx.node.consent.record_usage(ctx.job_id, rule.purpose, used, agreement_id=ctx.agreement.agreement_id,
+                                      recipient=other)
+    join_keys = frame["_join"].tolist()
+    X = _matrix(frame, features, f"{me} dataset {dataset}")
+    y = None
+    if is_guest:
+        raw = frame[p["label"]]
+        if raw.isna().any():
+            raise ValidationError(f"label column {p['label']!r} has {int(raw.isna().sum())} missing values",
+                                  field="label")
+        try:
+            y = R.check_labels(raw.astype("float64").to_numpy())
+        except (TypeError, ValueError):
+            raise ValidationError("labels must be binary 0/1", field="label") from None
+    del frame
+    n = len(join_keys)
+    cfg = R.TrainConfig(**p["train"])
+    if n < cfg.k_min:
+        raise ValidationError(f"only {n} matched rows pass the consent gate at every node (k_min={cfg.k_min})")
+    train, test = R.split_indices(n, p["test_fraction"], p["seed"])
+    if len(train) == 0 or len(test) == 0:
+        raise ValidationError("the split leaves no training or no held-out rows; change test_fraction")
+    train_keys = [join_keys[i] for i in train]
+
+    executor = ProcessPoolExecutor() if len(train) >= POOL_ROWS else InProcessExecutor()
+    links = _Links(ctx, others)
+    try:
+        if is_guest:
+            assert y is not None
+            role: Any = R.GuestRole(me, ctx.job_id, cfg, X[train], y[train], join_keys=train_keys, hosts=hosts,
+                                    arbiter=ARBITER, executor=executor)
+        else:
+            role = R.HostRole(me, ctx.job_id, cfg, X[train], join_keys=train_keys, guest=guest, hosts=hosts,
+                              arbiter=ARBITER, executor=executor)
+        links.to_arbiter(b"C" + json.dumps({"rows": int(len(train))}).encode())
+        links.send(role.start())
+        t_train = time.perf_counter()
+        while not role.done:
+            links.send(role.handle(links.recv()))
+        train_s = time.perf_counter() - t_train
+        # Held-out evaluation: masked partial logits to the arbiter; scores to the guest only.
+        if is_guest:
+            seeds = [role.peer[h].mask_seed for h in hosts]
+            partial = R.guest_partial(role.model(), X[test])
+        else:
+            seeds = [role.mask_seed]
+            partial = R.host_partial(role.model(), X[test])
+        links.send([(ARBITER, R.score_share(job_id=ctx.job_id, sender=me, request_id=EVAL_REQUEST, partial=partial,
+                                            mask_seeds=seeds, role="guest" if is_guest else "host"))])
+        scores = None
+        if is_guest:
+            msg = links.recv()
+            if not (isinstance(msg, m.Scores) and msg.sender == ARBITER and msg.request_id == EVAL_REQUEST):
+                raise ProtocolError(f"the guest expected the held-out scores, got {getattr(msg, 'kind', msg)!r}")
+            scores = np.frombuffer(msg.data, dtype=">f8").astype(np.float64)
+            if len(scores) != len(test):
+                raise ProtocolError(f"{len(scores)} scores for {len(test)} held-out rows")
+    finally:
+        links.close()
+        executor.close()
+
+    model = {**role.model(), "features": features, "dataset": dataset, "mask_seeds": seeds}
+    epochs = len(role.losses)
+    private: dict[str, Any] = {
+        "role": "guest" if is_guest else "host", "model_version": ctx.job_id, "model": model,
+        "matched_rows": len(joins), "rows": n, "train_rows": int(len(train)), "test_rows": int(len(test)),
+        "gate": {"allowed_here": len(allowed), "allowed_everywhere": n, "denied": denied},
+        "epochs": epochs, "losses": role.losses, "stop_reason": role.stop_reason,
+        "setup_seconds": role.timings["setup_s"], "train_seconds": round(train_s, 3),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "bytes_sent": links.relay.bytes_sent + links.bytes_to_arbiter, "key_bits": cfg.key_bits,
+    }
+    if is_guest:
+        assert y is not None and scores is not None
+        federated = evaluate(y[test], scores)
+        gonly = R.train_guest_only(X[train], y[train], cfg)
+        baseline = evaluate(y[test], 1.0 / (1.0 + np.exp(-R.guest_partial(gonly, X[test]))))
+        private["metrics"] = {**federated, "guest_only_auc": baseline["auc"],
+                              "guest_only": {k: v for k, v in baseline.items() if k != "calibration"},
+                              "guest_only_epochs": gonly["epochs"]}
+        private["auc"], private["guest_only_auc"] = federated["auc"], baseline["auc"]
+    ctx.node.audit.append("vfl.train", {
+        "job_id": ctx.job_id, "agreement_id": ctx.agreement.agreement_id, "version": ctx.agreement.version,
+        "purpose": rule.purpose, "role": private["role"], "model_version": ctx.job_id, "matched_rows": len(joins),
+        "rows_used": n, "denied": denied, "epochs": epochs})
+    public = {"model_version": ctx.job_id, "role": private["role"], "train_rows": int(len(train)),
+              "test_rows": int(len(test)), "features": len(features), "epochs": epochs,
+              "stop_reason": role.stop_reason}
+    return {**public, PRIVATE: private}
+
+
+register("train", train_step)
