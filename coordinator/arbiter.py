@@ -16,6 +16,10 @@ and the protocol runs as in docs/vfl.md §4. After training, each party sends it
 `ScoreShare` of the held-out rows (request `heldout`); the arbiter returns the scores to the
 guest only and the session ends.
 
+A `score` job's session (mode `score`) holds no key: each party sends one masked `ScoreShare`
+(request id = the job id, so the pairwise masks are fresh per job); the arbiter adds them, the
+masks cancel, and it returns the 0-1 scores to the guest only.
+
 What the arbiter sees: row counts, masked aggregates it decrypts, the per-epoch loss and the
 held-out scores (docs/vfl.md §2). Messages are kept in memory per job, never in the database:
 a coordinator restart mid-training loses the session, the parties' next mailbox call gets 409
@@ -53,6 +57,7 @@ class Session:
     guest: str
     hosts: list[str]
     config: dict[str, Any]
+    mode: str = "train"
     cond: threading.Condition = field(default_factory=threading.Condition)
     inbox: dict[tuple[str, int], bytes] = field(default_factory=dict)
     next_in: dict[str, int] = field(default_factory=dict)
@@ -85,8 +90,25 @@ def check_match_job(coord: Any, job_id: str, match_job: str) -> None:
             raise ValidationError(f"match job {match_job} is {match.status}, not succeeded")
 
 
+def check_model(coord: Any, job_id: str, model: str, hosts: list[str]) -> None:
+    """The model version (a train job) must exist, have succeeded under the same agreement, and
+    have been trained with the same partners."""
+    from coordinator.storage.models import Job
+
+    with session_scope(coord.factory) as s:
+        job, train = s.get(Job, job_id), s.get(Job, model)
+        if train is None or train.type != "train" or job is None or train.agreement_id != job.agreement_id:
+            raise ValidationError(f"model version {model!r} does not exist under this agreement")
+        if train.status != "succeeded":
+            raise ValidationError(f"model version {model} is {train.status}, not a trained model")
+        if sorted(train.params.get("hosts", [])) != sorted(hosts):
+            raise ValidationError(f"model {model} was trained with {sorted(train.params.get('hosts', []))}; "
+                                  f"this agreement's partners are {sorted(hosts)}")
+
+
 def start_session(coord: Any, job_id: str, params: dict[str, Any]) -> Session:
-    sess = Session(job_id=job_id, guest=params["guest"], hosts=list(params["hosts"]), config=dict(params["train"]))
+    sess = Session(job_id=job_id, guest=params["guest"], hosts=list(params["hosts"]), config=dict(params["train"]),
+                   mode=str(params.get("mode", "train")))
     sess.next_in = {p: 0 for p in sess.parties}
     sess.outbox = {p: [] for p in sess.parties}
     with _LOCK:
@@ -155,6 +177,9 @@ def _run(coord: Any, sess: Session) -> None:
     rows: dict[str, int] = {}
     role: R.ArbiterRole | None = None
     try:
+        if sess.mode == "score":
+            _score(coord, sess)
+            return
         cfg = R.TrainConfig(**sess.config)
         while True:
             sender, data = _next_message(coord, sess)
@@ -188,10 +213,7 @@ def _run(coord: Any, sess: Session) -> None:
             if any(isinstance(x, m.Scores) for _, x in out):
                 sess.stats.update(epochs=len(role.losses), decrypted_values=role.decrypted_values)
                 break
-        with sess.cond:
-            sess.done = True
-            sess.cond.notify_all()
-        log.info("arbiter for job %s finished: %s", sess.job_id, sess.stats)
+        _finish(sess)
     except Exception as exc:  # noqa: BLE001 - reported to the parties, who fail their steps
         msg = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
         log.warning("arbiter for job %s failed: %s", sess.job_id, msg)
@@ -203,6 +225,34 @@ def _run(coord: Any, sess: Session) -> None:
         timer = threading.Timer(KEEP_S, _forget, args=(sess.job_id,))
         timer.daemon = True
         timer.start()
+
+
+def _finish(sess: Session) -> None:
+    with sess.cond:
+        sess.done = True
+        sess.cond.notify_all()
+    log.info("arbiter for job %s finished: %s", sess.job_id, sess.stats)
+
+
+def _score(coord: Any, sess: Session) -> None:
+    """A score job: one ScoreShare per party for request `job_id`; the sum (masks cancel) -> 0-1
+    scores to the guest only. No key is needed: the shares are additively masked."""
+    from federated import messages as m
+    from federated import roles as R
+
+    shares: dict[str, m.ScoreShare] = {}
+    while set(shares) != set(sess.parties):
+        sender, data = _next_message(coord, sess)
+        msg = m.decode(data[1:]) if data[:1] == b"M" else None
+        if not isinstance(msg, m.ScoreShare) or msg.sender != sender or msg.job_id != sess.job_id \
+                or msg.request_id != sess.job_id or sender in shares:
+            raise ProtocolError(f"{sender} sent something other than one score share for job {sess.job_id}")
+        shares[sender] = msg
+    scores = R.combine_score_shares(list(shares.values()))
+    _post(sess, [(sess.guest, m.Scores(job_id=sess.job_id, sender=ARBITER, request_id=sess.job_id,
+                                       rows=len(scores), data=scores.astype(">f8").tobytes()))])
+    sess.stats["scored_jointly"] = len(scores)
+    _finish(sess)
 
 
 def _forget(job_id: str) -> None:

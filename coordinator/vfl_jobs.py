@@ -134,4 +134,54 @@ class TrainJob:
         }
 
 
+class ScoreJob:
+    """`score`: 0-1 scores for the brand's leads with a trained model (docs/vfl.md §1).
+
+        params = {"model": "<succeeded train job id>", "dataset": "<brand dataset of leads>"}
+
+    Every row of `dataset` is a lead (the brand ingests the leads to score as a dataset, so no
+    row id ever travels to the coordinator in the job's parameters).
+
+    Leads with a join key from the model's match job that every partner knows (and may use)
+    get the joint score: each party sends masked partial logits to the arbiter, which returns
+    the scores to the brand only; other leads get the brand's guest-only score with
+    `partner_missing: true`. Leads whose subjects may not be scored (consent gate, e.g. opted out
+    of personalised marketing) are not scored. The scores stay at the brand's node; the
+    coordinator keeps counts and the model version."""
+
+    name = "score"
+
+    def validate_params(self, spec: AgreementSpec, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(params) - {"model", "dataset"}
+        if unknown:
+            raise ValidationError(f"score takes model and dataset, not {sorted(unknown)}", field="params")
+        model = params.get("model")
+        if not isinstance(model, str) or not model:
+            raise ValidationError("name the model version (the train job id) in params.model", field="model")
+        guests = [p for p in spec.parties if p.role == "label_holder"]
+        if len(guests) != 1:
+            raise ValidationError("scoring needs exactly one label holder in the agreement")
+        dataset = params.get("dataset")
+        if not isinstance(dataset, str) or dataset not in guests[0].datasets:
+            raise ValidationError(f"dataset must be one of {guests[0].name}'s datasets {guests[0].datasets}",
+                                  field="dataset")
+        hosts = sorted(p.name for p in spec.parties if p.role == "feature_holder")
+        return {"model": model, "dataset": dataset, "guest": guests[0].name, "hosts": hosts}
+
+    def plan(self, spec: AgreementSpec, params: dict[str, Any]) -> list[StepPlan]:
+        return [StepPlan(f"score@{p}", p, 0, {}) for p in [params["guest"], *params["hosts"]]]
+
+    def on_start(self, coordinator: Any, job_id: str, spec: AgreementSpec, params: dict[str, Any]) -> None:
+        from coordinator import arbiter
+
+        arbiter.check_model(coordinator, job_id, params["model"], params["hosts"])
+        arbiter.start_session(coordinator, job_id, {**params, "train": {}, "mode": "score"})
+
+    def finalize(self, spec: AgreementSpec, params: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        guest = results.get(f"score@{params['guest']}", {})
+        return {"model_version": params["model"], "scored": guest.get("scored"),
+                "scores_at": f"{params['guest']}'s node (private step result)"}
+
+
 register(TrainJob())
+register(ScoreJob())

@@ -299,6 +299,7 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
     epochs = len(role.losses)
     private: dict[str, Any] = {
         "role": "guest" if is_guest else "host", "model_version": ctx.job_id, "model": model,
+        "match_job": p["match_job"],
         "matched_rows": len(joins), "rows": n, "train_rows": int(len(train)), "test_rows": int(len(test)),
         "gate": {"allowed_here": len(allowed), "allowed_everywhere": n, "denied": denied},
         "epochs": epochs, "losses": role.losses, "stop_reason": role.stop_reason,
@@ -314,6 +315,8 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
         private["metrics"] = {**federated, "guest_only_auc": baseline["auc"],
                               "guest_only": {k: v for k, v in baseline.items() if k != "calibration"},
                               "guest_only_epochs": gonly["epochs"]}
+        # For leads the partner does not know (score jobs): the guest-only model, trained the same way.
+        private["guest_only_model"] = {"weights": gonly["weights"], "intercept": gonly["intercept"]}
         private["auc"], private["guest_only_auc"] = federated["auc"], baseline["auc"]
     ctx.node.audit.append("vfl.train", {
         "job_id": ctx.job_id, "agreement_id": ctx.agreement.agreement_id, "version": ctx.agreement.version,
@@ -325,4 +328,177 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
     return {**public, PRIVATE: private}
 
 
+# ------------------------------------------------------------------------------------ scoring
+
+
+def _model_part(ctx: StepContext, model: str, me: str) -> dict[str, Any]:
+    """This node's private result of the train job `model` (its model part), or ValidationError."""
+    from party_node.storage.models import StepRecord
+
+    with session_scope(ctx.node.factory) as s:
+        rec = s.get(StepRecord, (model, f"train@{me}"))
+        if rec is None or rec.status != "succeeded" or not rec.private_result:
+            raise ValidationError(f"model version {model!r} does not exist at this node", field="model")
+        if rec.agreement_id != ctx.agreement.agreement_id:
+            raise AgreementError(f"model {model} was trained under another agreement")
+        return dict(rec.private_result)
+
+
+def _arbiter_scores(ctx: StepContext, request_id: str) -> np.ndarray:
+    from federated import messages as m
+
+    deadline = time.monotonic() + WAIT_S
+    with ctx.node.coordinator() as c:
+        while True:
+            if ctx.cancelled.is_set():
+                raise ProtocolError("step cancelled")
+            try:
+                data = c.request("GET", f"/v1/arbiter/{ctx.job_id}/out/0", raw=True)
+                break
+            except NotFound:
+                if time.monotonic() > deadline:
+                    raise ProtocolError("no scores from the arbiter in time") from None
+    msg = m.decode(data[1:]) if data[:1] == b"M" else None
+    if not isinstance(msg, m.Scores) or msg.sender != ARBITER or msg.request_id != request_id:
+        raise ProtocolError("the arbiter did not answer with this job's scores")
+    return np.frombuffer(msg.data, dtype=">f8").astype(np.float64)
+
+
+def _send_share(ctx: StepContext, me: str, partial: np.ndarray, seeds: list[str], role: str) -> None:
+    from federated import messages as m
+    from federated import roles as R
+
+    # request id = job id: the pairwise masks are fresh for every scoring job
+    share = R.score_share(job_id=ctx.job_id, sender=me, request_id=ctx.job_id, partial=partial,
+                          mask_seeds=seeds, role=role)
+    with ctx.node.coordinator() as c:
+        c.request("PUT", f"/v1/arbiter/{ctx.job_id}/in/0", content=b"M" + m.encode(share),
+                  content_type="application/octet-stream")
+
+
+def _json_keys(data: bytes, who: str) -> list[str]:
+    try:
+        keys = json.loads(data)
+    except ValueError:
+        keys = None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ProtocolError(f"{who} sent a malformed list of join keys")
+    return keys
+
+
+def score_step(ctx: StepContext) -> dict[str, Any]:
+    from federated import roles as R
+
+    t0 = time.perf_counter()
+    p = ctx.params
+    me = ctx.node.identity.name
+    guest, hosts = p["guest"], list(p["hosts"])
+    if me != guest and me not in hosts:
+        raise AgreementError(f"{me!r} has no role in this scoring job")
+    rule = ctx.agreement.spec.rule(ctx.job_type or "score")
+    part = _model_part(ctx, p["model"], me)
+    model, match_job = part["model"], part["match_job"]
+    features = list(model["features"])
+    ch = RelayChannel(ctx.node, ctx.job_id, "score", ctx.cancelled)
+    now = dt.datetime.now(dt.timezone.utc)
+    if me != guest:
+        # Host: contribute partials for the requested join keys it knows and may use.
+        requested = _json_keys(ch.recv(guest, timeout=WAIT_S), guest)
+        with session_scope(ctx.node.factory) as s:
+            rows = s.execute(select(PsiMatch.join_key, PsiMatch.row_key)
+                             .where(PsiMatch.job_id == match_job, PsiMatch.dataset == model["dataset"])).all()
+        by_key = {str(k): str(r) for k, r in rows}
+        known = [k for k in requested if k in by_key]
+        decision = ctx.node.consent.allowed([by_key[k] for k in known], rule.purpose, guest, now)
+        ok = set(decision.allowed)
+        contributing = sorted(k for k in known if by_key[k] in ok)
+        ch.send(guest, json.dumps(contributing).encode())
+        final = _json_keys(ch.recv(guest, timeout=WAIT_S), guest)
+        if not set(final) <= set(contributing) or len(set(final)) != len(final):
+            raise ProtocolError("the guest asked for join keys this node did not offer")
+        info_key, frame = _scoring_frame(ctx, model["dataset"], features)
+        frame = frame.set_index(info_key).loc[[by_key[k] for k in final]] if final else frame.iloc[:0]
+        partial = R.host_partial(model, _matrix(frame.reset_index(), features, f"{me} scoring rows")) \
+            if final else np.zeros(0)
+        _send_share(ctx, me, partial, [model["mask_seeds"][0]], "host")
+        ctx.node.consent.record_usage(ctx.job_id, rule.purpose, [by_key[k] for k in final],
+                                      agreement_id=ctx.agreement.agreement_id, recipient=guest)
+        ctx.node.audit.append("vfl.score", {"job_id": ctx.job_id, "agreement_id": ctx.agreement.agreement_id,
+                                            "model_version": p["model"], "role": "host", "requested": len(requested),
+                                            "contributed": len(final), "denied": decision.denied_counts})
+        return {"role": "host", PRIVATE: {"role": "host", "model_version": p["model"], "requested": len(requested),
+                                          "contributed": len(final), "seconds": round(time.perf_counter() - t0, 2)}}
+
+    # Guest (brand): every row of the leads dataset is a lead.
+    dataset = p["dataset"]
+    agreed = set(ctx.me.columns.get(dataset, []))
+    if not set(features) <= agreed:
+        raise AgreementError(f"the model's features {sorted(set(features) - agreed)} are not agreed for {dataset!r}")
+    key, frame = _scoring_frame(ctx, dataset, features)
+    leads = frame[key].tolist()
+    if len(set(leads)) != len(leads):
+        raise ValidationError(f"dataset {dataset!r} has duplicate row ids")
+    allowed: set[str] = set(leads)
+    denied: dict[str, int] = {}
+    for h in hosts:
+        decision = ctx.node.consent.allowed(leads, rule.purpose, h, now)
+        allowed &= set(decision.allowed)
+        for reason, n in decision.denied_counts.items():
+            denied[reason] = max(denied.get(reason, 0), n)
+    with session_scope(ctx.node.factory) as s:
+        rows = s.execute(select(PsiMatch.row_key, PsiMatch.join_key)
+                         .where(PsiMatch.job_id == match_job, PsiMatch.dataset == dataset)).all()
+    join_of = {str(r): str(k) for r, k in rows if str(r) in allowed}
+    requested = sorted(join_of.values())
+    for h in hosts:
+        ch.send(h, json.dumps(requested).encode())
+    final_set = set(requested)
+    for h in hosts:
+        final_set &= set(_json_keys(ch.recv(h, timeout=WAIT_S), h))
+    final = sorted(final_set)
+    for h in hosts:
+        ch.send(h, json.dumps(final).encode())
+    lead_of = {k: r for r, k in join_of.items()}
+    X = _matrix(frame, features, f"{dataset} leads")
+    pos = {r: i for i, r in enumerate(leads)}
+    idx = np.array([pos[lead_of[k]] for k in final], dtype=np.int64)
+    partial = R.guest_partial(model, X[idx]) if len(idx) else np.zeros(0)
+    _send_share(ctx, me, partial, list(model["mask_seeds"]), "guest")
+    joint = _arbiter_scores(ctx, ctx.job_id)
+    if len(joint) != len(final):
+        raise ProtocolError(f"{len(joint)} scores for {len(final)} leads")
+    gonly = part["guest_only_model"]
+    scores: dict[str, dict[str, Any]] = {lead_of[k]: {"score": float(v), "partner_missing": False}
+                                         for k, v in zip(final, joint)}
+    rest = [r for r in leads if r in allowed and r not in scores]
+    if rest:
+        ridx = np.array([pos[r] for r in rest], dtype=np.int64)
+        vals = 1.0 / (1.0 + np.exp(-R.guest_partial(gonly, X[ridx])))
+        scores.update({r: {"score": float(v), "partner_missing": True} for r, v in zip(rest, vals)})
+    out = [{"lead": r, **scores[r], "model_version": p["model"]} for r in leads if r in scores]
+    for h in hosts:
+        ctx.node.consent.record_usage(ctx.job_id, rule.purpose, [o["lead"] for o in out],
+                                      agreement_id=ctx.agreement.agreement_id, recipient=h)
+    not_scored = len(leads) - len(out)
+    ctx.node.audit.append("vfl.score", {"job_id": ctx.job_id, "agreement_id": ctx.agreement.agreement_id,
+                                        "model_version": p["model"], "role": "guest", "scored": len(out),
+                                        "partner_missing": len(rest), "not_scored": not_scored, "denied": denied})
+    private = {"role": "guest", "model_version": p["model"], "dataset": dataset, "leads": len(leads),
+               "scored": len(out), "partner_missing": len(rest), "not_scored": not_scored, "denied": denied,
+               "scores": out, "seconds": round(time.perf_counter() - t0, 2)}
+    return {"role": "guest", "scored": len(out), PRIVATE: private}
+
+
+def _scoring_frame(ctx: StepContext, dataset: str, features: list[str]) -> tuple[str, Any]:
+    from party_node import datasets as ds
+
+    with session_scope(ctx.node.factory) as s:
+        info = ds.describe(s, dataset)
+    key = next(c["column"] for c in info["columns"] if c["role"] == "key")
+    frame = ds.load_frame(ctx.node.engine, dataset, list(dict.fromkeys([key, *features])))
+    frame[key] = frame[key].astype(str)
+    return key, frame
+
+
 register("train", train_step)
+register("score", score_step)

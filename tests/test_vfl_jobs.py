@@ -53,13 +53,16 @@ def _consent(net: LocalNet, party: str, subjects: list[str], refuse: set[str]) -
         c.post("/v1/consent/notices", {"notice": "privacy", "version": "privacy.v1",
                                        "published_at": (NOW - dt.timedelta(days=10)).isoformat(),
                                        "purposes": [{"purpose": "audience", "data_categories": ["phone"]},
-                                                    {"purpose": "modeling", "data_categories": ["profile"]}]})
+                                                    {"purpose": "modeling", "data_categories": ["profile"]},
+                                                    {"purpose": "scoring", "data_categories": ["profile"]}]})
         common = {"channel": "app", "notice_version": "privacy.v1",
                   "valid_from": (NOW - dt.timedelta(days=1)).isoformat()}
         events = [{"event_id": f"{party}-a-{s}", "subject": s, "purpose": "audience", "action": "granted", **common}
                   for s in subjects]
         events += [{"event_id": f"{party}-m-{s}", "subject": s, "purpose": "modeling",
                     "action": "refused" if s in refuse else "granted", **common} for s in subjects]
+        events += [{"event_id": f"{party}-s-{s}", "subject": s, "purpose": "scoring", "action": "granted", **common}
+                   for s in subjects]
         assert c.post("/v1/consent/events/batch", {"events": events})["recorded"] == len(events)
 
 
@@ -82,13 +85,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNet, 
             confide("node", "ingest", str(work / f"{name}.csv"), "--schema", str(work / f"{name}.yaml"),
                     "--config", str(net.config(party)))
             _consent(net, party, frame[key].tolist(), w["refuse"][party])
-        agreement = spec("vfl-2026", jobs=("match", "train"), datasets={"brand": ["leads"], "partner": ["people"]})
+        agreement = spec("vfl-2026", jobs=("match", "train"), datasets={"brand": ["leads"], "partner": ["people"]},
+                         purposes=["audience", "modeling.lead_scoring", "scoring.lead"])
         agreement["parties"][0]["identifiers"] = [{"dataset": "leads", "column": "phone", "type": "phone"}]
         agreement["parties"][1]["identifiers"] = [{"dataset": "people", "column": "phone", "type": "phone"}]
         agreement["parties"][0]["columns"] = {"leads": ["y", *GUEST_X]}
         agreement["parties"][1]["columns"] = {"people": HOST_X}
         agreement["allowed_jobs"] = [{"type": "match", "purpose": "audience.match"},
-                                     {"type": "train", "purpose": "modeling.lead_scoring"}]
+                                     {"type": "train", "purpose": "modeling.lead_scoring"},
+                                     {"type": "score", "purpose": "scoring.lead"}]
         with net.client("brand") as c:
             d = c.post("/v1/admin/agreements", agreement)
             c.post("/v1/admin/agreements/vfl-2026/versions/1/sign", {"digest": d["digest"]})
@@ -205,3 +210,68 @@ def test_train_on_an_unknown_match_job_fails_cleanly(world) -> None:  # type: ig
                                         "params": _params(w, match_job="no-such-job")})
     job = wait_job(net, "brand", job["id"], timeout=30)
     assert job["status"] == "failed" and "not a match job" in job["error"]
+
+
+def test_score_gives_the_brand_joint_or_guest_only_scores_and_skips_opted_out_leads(world) -> None:  # type: ignore[no-untyped-def]
+    net, w = world
+    with net.client("brand") as c:
+        train = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": _params(w)})
+    train = wait_job(net, "brand", train["id"], timeout=90)
+    assert train["status"] == "succeeded", train
+    bk, pk = _join_keys(net, "brand", w["match_job"]), _join_keys(net, "partner", w["match_job"])
+    by_join = {k: r for r, k in pk.items()}
+    matched = sorted(bk)
+    opted = set(matched[:3])  # brand members who switch personalised marketing off: not scored
+    partner_off = {by_join[bk[r]] for r in matched[3:5]}  # the partner's side opts out: partner_missing
+    for party, subjects in (("brand", opted), ("partner", partner_off)):
+        with net.client(party) as c:
+            for s in subjects:
+                c.request("PUT", f"/v1/consent/subjects/{s}/preferences",
+                          json_body={"no_personalised_marketing": True})
+    with net.client("brand") as c:
+        job = c.post("/v1/admin/jobs", {"type": "score", "agreement_id": "vfl-2026",
+                                        "params": {"model": train["id"], "dataset": "leads"}})
+    job = wait_job(net, "brand", job["id"], timeout=60)
+    assert job["status"] == "succeeded", job
+    res = _private(net, "brand", job["id"])
+    scores = {s["lead"]: s for s in res["scores"]}
+    assert not (opted & set(scores)) and res["not_scored"] == len(opted)
+    assert len(scores) == len(w["brand"]) - len(opted)
+    assert all(s["model_version"] == train["id"] and 0.0 <= s["score"] <= 1.0 for s in scores.values())
+
+    # Oracle from the model parts (each held at its node) and the raw rows.
+    g, hp = _private(net, "brand", train["id"]), _private(net, "partner", train["id"])
+    b = w["brand"].set_index("lead_id")
+    p = w["partner"].set_index("person_id")
+    joint = [r for r in matched if r not in opted and by_join[bk[r]] not in partner_off]
+    assert {r for r, s in scores.items() if not s["partner_missing"]} == set(joint)
+    for r in joint[:40]:
+        u = (b.loc[r, GUEST_X].to_numpy(float) @ np.array(g["model"]["weights"]) + g["model"]["intercept"]
+             + p.loc[by_join[bk[r]], HOST_X].to_numpy(float) @ np.array(hp["model"]["weights"]))
+        assert scores[r]["score"] == pytest.approx(1 / (1 + np.exp(-u)), abs=1e-5)
+    missing = [r for r, s in scores.items() if s["partner_missing"]]
+    assert set(missing) == set(b.index) - set(joint) - opted  # brand-only leads and the partner's opt-outs
+    go = g["guest_only_model"]
+    for r in missing[:20]:
+        u = b.loc[r, GUEST_X].to_numpy(float) @ np.array(go["weights"]) + go["intercept"]
+        assert scores[r]["score"] == pytest.approx(1 / (1 + np.exp(-u)), abs=1e-9)
+
+    # The coordinator: counts and the model version, no scores or lead ids.
+    assert job["result"]["scored"] == len(scores) and job["result"]["model_version"] == train["id"]
+    rtext = json.dumps(job)
+    assert not any(r in rtext for r in scores) and "partner_missing" not in rtext
+    assert not any(f"{s['score']:.6f}"[2:] in rtext for s in list(scores.values())[:50])
+    partner = _private(net, "partner", job["id"])
+    assert partner["contributed"] == len(joint) and "scores" not in partner
+    # Bad input: a dataset that is not the brand's, a model version that does not exist.
+    from confide.errors import ValidationError
+
+    with net.client("brand") as c:
+        with pytest.raises(ValidationError, match="dataset must be one of"):
+            c.post("/v1/admin/jobs", {"type": "score", "agreement_id": "vfl-2026",
+                                      "params": {"model": train["id"], "dataset": "people"}})
+    with net.client("brand") as c:
+        bad = c.post("/v1/admin/jobs", {"type": "score", "agreement_id": "vfl-2026",
+                                        "params": {"model": "no-such-model", "dataset": "leads"}})
+    bad = wait_job(net, "brand", bad["id"], timeout=30)
+    assert bad["status"] == "failed" and "does not exist" in bad["error"]
