@@ -29,8 +29,8 @@ def _other_party(spec: AgreementSpec, requester: str | None, params: dict[str, A
     return others[0]
 
 
-def _common_types(spec: AgreementSpec, a: str, b: str) -> list[str]:
-    ta = [i.type for i in spec.party(a).identifiers]
+def _common_types(spec: AgreementSpec, a: str, b: str, dataset: str | None = None) -> list[str]:
+    ta = [i.type for i in spec.party(a).identifiers if dataset is None or i.dataset == dataset]
     tb = {i.type for i in spec.party(b).identifiers}
     return [t for t in ta if t in tb]
 
@@ -39,12 +39,17 @@ class _PsiJob:
     name = ""
 
     def validate_params(self, spec: AgreementSpec, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(params) - {"id_types", "partner"}
+        unknown = set(params) - {"id_types", "partner", "dataset"}
         if unknown:
-            raise ValidationError(f"{self.name} takes id_types and partner, not {sorted(unknown)}", field="params")
+            raise ValidationError(f"{self.name} takes id_types, partner and dataset, not {sorted(unknown)}",
+                                  field="params")
         label_holder = next(p.name for p in spec.parties if p.role == "label_holder")
+        dataset = params.get("dataset")
+        if dataset is not None and dataset not in {i.dataset for i in spec.party(label_holder).identifiers}:
+            raise ValidationError(f"dataset {dataset!r} is not one the agreement lets {label_holder!r} match on",
+                                  field="dataset")
         partner = _other_party(spec, label_holder, params)
-        common = _common_types(spec, label_holder, partner)
+        common = _common_types(spec, label_holder, partner, dataset)
         id_types = params.get("id_types") or common[:1]
         if not isinstance(id_types, list) or not id_types or not all(isinstance(t, str) for t in id_types):
             raise ValidationError("id_types must be a non-empty list of identifier types", field="id_types")
@@ -59,7 +64,10 @@ class _PsiJob:
         if self.name == "overlap" and len(id_types) != 1:
             raise ValidationError("overlap counts one identifier type; use a match job for a waterfall",
                                   field="id_types")
-        return {"id_types": id_types, "partner": partner, "requester_party": label_holder}
+        out = {"id_types": id_types, "partner": partner, "requester_party": label_holder}
+        if dataset is not None:
+            out["dataset"] = dataset
+        return out
 
     def plan(self, spec: AgreementSpec, params: dict[str, Any]) -> list[StepPlan]:
         return [
@@ -90,8 +98,9 @@ class ProfileJob(_PsiJob):
 
     def validate_params(self, spec: AgreementSpec, params: dict[str, Any]) -> dict[str, Any]:
         cols = {k: params.get(k) or [] for k in ("categorical", "numeric")}
-        base = super().validate_params(spec, {k: v for k, v in params.items() if k in ("id_types", "partner")})
-        unknown = set(params) - {"id_types", "partner", "categorical", "numeric"}
+        base = super().validate_params(spec, {k: v for k, v in params.items()
+                                              if k in ("id_types", "partner", "dataset")})
+        unknown = set(params) - {"id_types", "partner", "dataset", "categorical", "numeric"}
         if unknown:
             raise ValidationError(f"profile takes id_types, partner, categorical, numeric; not {sorted(unknown)}",
                                   field="params")

@@ -30,8 +30,9 @@ def _inputs(ctx: StepContext, id_types: list[str], extra: list[str] = ()) -> tup
 
     me = ctx.me
     specs = {}
+    wanted = ctx.params.get("dataset") if me.name == ctx.params.get("requester_party") else None
     for t in id_types:
-        found = [i for i in me.identifiers if i.type == t]
+        found = [i for i in me.identifiers if i.type == t and (wanted is None or i.dataset == wanted)]
         if not found:
             raise AgreementError(f"the agreement names no {t!r} identifier of {me.name!r}")
         specs[t] = found[0]
