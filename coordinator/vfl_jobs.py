@@ -16,12 +16,16 @@ the model parts (weights, mask seeds) in each party's private step result.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from confide.agreements import AgreementSpec
 from confide.errors import ConfideError, ValidationError
 from coordinator.jobtypes import StepPlan, register
 
+# Paillier keys below 2048 bits (`train.allow_short_keys`) only where the operator started the
+# service with this variable set to 1 (the test suite); the nodes check it too.
+SHORT_KEYS_ENV = "CONFIDE_TEST_SHORT_KEYS"
 PARAMS = {"match_job", "label", "guest_features", "host_features", "test_fraction", "seed", "train"}
 
 
@@ -35,6 +39,12 @@ def _names(value: Any, what: str) -> list[str]:
     if len(set(value)) != len(value):
         raise ValidationError(f"{what} lists a column twice", field=what)
     return list(value)
+
+
+def check_short_keys_allowed(requested: bool) -> None:
+    if requested and os.environ.get(SHORT_KEYS_ENV) != "1":
+        raise ValidationError(f"allow_short_keys is for tests only: this service was not started with "
+                              f"{SHORT_KEYS_ENV}=1", field="train")
 
 
 class TrainJob:
@@ -99,6 +109,7 @@ class TrainJob:
         if cfg.k_min < spec.k_min:
             raise ValidationError(f"train.k_min may not be below the agreement's k_min={spec.k_min}", field="train")
         cfg.check_keys()
+        check_short_keys_allowed(cfg.allow_short_keys)
         return {"match_job": match_job, "label": label, "guest": guest, "hosts": sorted(host_features),
                 "guest_features": guest_features, "host_features": host_features,
                 "test_fraction": float(tf), "seed": seed, "train": cfg.model_dump(mode="json")}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import queue
 import threading
 import time
@@ -32,7 +33,7 @@ import numpy as np
 from sqlalchemy import select
 
 from confide.db import session_scope
-from confide.errors import AgreementError, ConfideError, NotFound, ProtocolError, ValidationError
+from confide.errors import AgreementError, ConfideError, Conflict, NotFound, ProtocolError, RemoteError, ValidationError
 from party_node.relay import RelayChannel
 from party_node.steps import PRIVATE, StepContext, register
 from party_node.storage.models import PsiMatch
@@ -45,6 +46,26 @@ POOL_ROWS = 2_000  # from this many training rows, heavy Paillier work goes to a
 
 def _key_digest(job_id: str, join_key: str) -> str:
     return hashlib.sha256(f"{job_id}\x00{join_key}".encode()).hexdigest()
+
+
+UNREACHABLE_S = 60.0  # how long a node rides out a coordinator it cannot reach
+
+
+def _retrying(call: Callable[[], Any], stop: threading.Event, *, idempotent: bool = True) -> Any:
+    """`call()`, retried while the coordinator is unreachable, for up to UNREACHABLE_S: any
+    transport failure for reads, only a failure to connect (nothing was sent) for writes.
+    Answers from the coordinator (404, 409, ...) are not retried here. After a coordinator
+    restart the arbiter session is gone: the next call gets 409 and the step fails."""
+    deadline = time.monotonic() + UNREACHABLE_S
+    while True:
+        try:
+            return call()
+        except RemoteError as exc:
+            if exc.details.get("status") is not None or time.monotonic() > deadline or stop.is_set():
+                raise
+            if not idempotent and "ConnectError" not in exc.message:
+                raise
+            time.sleep(1.0)
 
 
 class _Links:
@@ -68,7 +89,8 @@ class _Links:
 
         try:
             while not self.stop.is_set():
-                self.q.put(("msg", m.decode(self.relay.recv(peer, timeout=WAIT_S))))
+                data = _retrying(lambda: self.relay.recv(peer, timeout=WAIT_S), self.stop)
+                self.q.put(("msg", m.decode(data)))
         except Exception as exc:  # noqa: BLE001 - handed to the step's thread
             if not self.stop.is_set():
                 self.q.put(("error", exc))
@@ -82,7 +104,8 @@ class _Links:
                 deadline = time.monotonic() + WAIT_S
                 while not self.stop.is_set():
                     try:
-                        data = c.request("GET", f"/v1/arbiter/{self.ctx.job_id}/out/{seq}", raw=True)
+                        data = _retrying(lambda: c.request("GET", f"/v1/arbiter/{self.ctx.job_id}/out/{seq}",
+                                                           raw=True), self.stop)
                     except NotFound:  # the server waited a few seconds already
                         if time.monotonic() > deadline:
                             raise ProtocolError(f"no message from the arbiter within {WAIT_S:.0f}s") from None
@@ -98,8 +121,14 @@ class _Links:
 
     def to_arbiter(self, body: bytes) -> None:
         with self.ctx.node.coordinator() as c:
-            c.request("PUT", f"/v1/arbiter/{self.ctx.job_id}/in/{self._arb_seq}", content=body,
-                      content_type="application/octet-stream")
+            try:
+                _retrying(lambda: c.request("PUT", f"/v1/arbiter/{self.ctx.job_id}/in/{self._arb_seq}",
+                                            content=body, content_type="application/octet-stream"), self.stop)
+            except Conflict as exc:
+                # Our seq advances only after a PUT succeeds, so "already sent" means the
+                # coordinator took a PUT whose answer was lost: done. Anything else is fatal.
+                if "already sent" not in exc.message:
+                    raise
         self._arb_seq += 1
         self.bytes_to_arbiter += len(body)
 
@@ -110,7 +139,8 @@ class _Links:
             if to == ARBITER:
                 self.to_arbiter(b"M" + m.encode(msg))
             else:
-                self.relay.send(to, m.encode(msg))
+                data = m.encode(msg)
+                _retrying(lambda: self.relay.send(to, data), self.stop, idempotent=False)
 
     def recv(self) -> Any:
         deadline = time.monotonic() + WAIT_S
@@ -251,6 +281,10 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
     del frame
     n = len(join_keys)
     cfg = R.TrainConfig(**p["train"])
+    # This node's own check: a partner does not accept short keys on the requester's word.
+    if cfg.allow_short_keys and os.environ.get("CONFIDE_TEST_SHORT_KEYS") != "1":
+        raise ValidationError("allow_short_keys is for tests only: this node was not started with "
+                              "CONFIDE_TEST_SHORT_KEYS=1", field="train")
     if n < cfg.k_min:
         raise ValidationError(f"only {n} matched rows pass the consent gate at every node (k_min={cfg.k_min})")
     train, test = R.split_indices(n, p["test_fraction"], p["seed"])

@@ -3,7 +3,8 @@ and the partner (host) ingest subsets of the FATE breast_hetero data, matched by
 synthetic phone column, consent-gated at both nodes; the arbiter runs at the coordinator.
 
 Keys are 1024-bit Paillier through the core's test-only switch (`train.allow_short_keys`),
-passed in the job's training config: this checks the wiring, not the key size."""
+passed in the job's training config; the coordinator and nodes accept it only because this
+test starts them with CONFIDE_TEST_SHORT_KEYS=1. This checks the wiring, not the key size."""
 
 from __future__ import annotations
 
@@ -72,7 +73,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNet, 
     work = tmp_path_factory.mktemp("vfl")
     with LocalNet(work, [("brand", "brand"), ("partner", "partner")],
                   coordinator_settings={"poll_interval_s": 0.1}) as net:
-        net.start_all()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CONFIDE_TEST_SHORT_KEYS", "1")  # copied into the service processes only
+            net.start_all()
         for party, key, name, label, cols in (("brand", "lead_id", "leads", "y", GUEST_X),
                                               ("partner", "person_id", "people", None, HOST_X)):
             frame = w[party].drop(columns=["id"])
@@ -203,6 +206,23 @@ def test_train_refuses_columns_outside_the_agreement(world) -> None:  # type: ig
                                       "params": _params(w, train={"key_bits": 1024})})
 
 
+def test_short_keys_need_the_test_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from confide.agreements import AgreementSpec
+    from confide.errors import ValidationError
+    from coordinator.vfl_jobs import TrainJob
+
+    monkeypatch.delenv("CONFIDE_TEST_SHORT_KEYS", raising=False)
+    s = spec("vfl-x", jobs=("match", "train"), datasets={"brand": ["leads"], "partner": ["people"]})
+    s["parties"][0]["columns"] = {"leads": ["y", *GUEST_X]}
+    s["parties"][1]["columns"] = {"people": HOST_X}
+    params = {"match_job": "m", "label": "y", "guest_features": GUEST_X, "host_features": {"partner": HOST_X},
+              "train": TRAIN}
+    with pytest.raises(ValidationError, match="tests only"):
+        TrainJob().validate_params(AgreementSpec.model_validate(s), params)
+    monkeypatch.setenv("CONFIDE_TEST_SHORT_KEYS", "1")
+    assert TrainJob().validate_params(AgreementSpec.model_validate(s), params)["train"]["key_bits"] == 1024
+
+
 def test_train_on_an_unknown_match_job_fails_cleanly(world) -> None:  # type: ignore[no-untyped-def]
     net, w = world
     with net.client("brand") as c:
@@ -275,3 +295,27 @@ def test_score_gives_the_brand_joint_or_guest_only_scores_and_skips_opted_out_le
                                         "params": {"model": "no-such-model", "dataset": "leads"}})
     bad = wait_job(net, "brand", bad["id"], timeout=30)
     assert bad["status"] == "failed" and "does not exist" in bad["error"]
+
+
+def test_coordinator_restart_mid_training_fails_the_job_cleanly(world) -> None:  # type: ignore[no-untyped-def]
+    """The arbiter's state lives in the coordinator's memory only (documented): a restart ends
+    the session; the parties' next mailbox call gets 409, their steps fail, the job fails with
+    the reason."""
+    import time
+
+    net, w = world
+    long = {**TRAIN, "max_epochs": 1000, "tol": 0.0}
+    with net.client("brand") as c:
+        job = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": _params(w, train=long)})
+    deadline = time.monotonic() + 30
+    with net.client("brand") as c:
+        while not c.get(f"/v1/admin/jobs/{job['id']}")["status"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+    time.sleep(2.0)  # training under way
+    net.kill("coordinator")
+    net.start("coordinator", extra_env={"CONFIDE_TEST_SHORT_KEYS": "1"})
+    job = wait_job(net, "brand", job["id"], timeout=60)
+    assert job["status"] == "failed", job
+    # Either the party's next mailbox call found the session gone, or a write was cut off by the
+    # restart (not retried: it may have been delivered); both end the job with the reason.
+    assert "no arbiter is running" in job["error"] or "could not reach coordinator" in job["error"], job["error"]
