@@ -88,6 +88,8 @@ class Orchestrator:
         for job_id in ids:
             try:
                 self.advance(job_id)
+            except ConfideError as exc:  # e.g. a job type refusing to start: say why, plainly
+                self._fail(job_id, exc.message)
             except Exception as exc:
                 log.exception("job %s: unexpected error", job_id)
                 self._fail(job_id, f"internal error: {type(exc).__name__}: {exc}")
