@@ -28,6 +28,12 @@ BRAND, PARTNER = "brand", "partner"
 ID_COLUMNS = ("phone", "email", "openid", "unionid")
 PROFILE_CATEGORICAL = ("income_level", "age_band", "car_insurance_status")
 PROFILE_NUMERIC = ("purchase_intent_score", "interest_auto")
+# Lead scoring: the brand's lead signals and the partner's app/interest signals (all small-range).
+GUEST_FEATURES = ("test_drive_booked", "dealer_visits", "calls_answered", "wechat_interactions",
+                  "configurator_sessions", "brochure_downloaded", "price_quote_requested", "financing_inquiry",
+                  "trade_in_inquiry")
+HOST_FEATURES = ("interest_auto", "interest_new_energy", "interest_luxury", "interest_finance",
+                 "app_autohome_active", "app_dongchedi_active", "car_owner")
 
 
 @dataclass
@@ -41,6 +47,7 @@ class DemoRun:
     sections: list[dict[str, Any]] = field(default_factory=list)
     timings: list[tuple[str, float]] = field(default_factory=list)
     agreement: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
 
     def section(self, title: str, summary: str, rows: list[list[Any]] | None = None,
                 header: list[str] | None = None) -> None:
@@ -79,7 +86,7 @@ def stage_synth(run: DemoRun, progress: Progress) -> None:
     from party_node import synth
 
     members = max(500, int(5_000 * run.scale))
-    run.synth = synth.generate(run.out / "data", members=members, partner_factor=3.0, leads=members // 4,
+    run.synth = synth.generate(run.out / "data", members=members, partner_factor=3.0, leads=members,
                                overlap=0.35, seed=run.seed, fmt="csv", brand_name=BRAND, partner_name=PARTNER)
     gt = json.loads((run.out / "data" / "ground_truth.json").read_text())
     files = sorted(p for p in (run.out / "data").iterdir() if p.suffix == ".csv")
@@ -176,11 +183,14 @@ def agreement_spec(run: DemoRun) -> dict[str, Any]:
         "title": "Coffee chain members x app-interest partner: overlap, lead scoring",
         "parties": [
             {"name": BRAND, "role": "label_holder", "datasets": ["brand_members", "brand_leads"],
-             "identifiers": [{"dataset": "brand_members", "column": c, "type": c} for c in ID_COLUMNS],
+             "identifiers": [{"dataset": "brand_members", "column": c, "type": c} for c in ID_COLUMNS]
+             + [{"dataset": "brand_leads", "column": "phone", "type": "phone"}],
+             "columns": {"brand_leads": [*GUEST_FEATURES, "converted"]},
              "impact_assessment": "PIA-BRAND-2026-014"},
             {"name": PARTNER, "role": "feature_holder", "datasets": ["partner_population"],
              "identifiers": [{"dataset": "partner_population", "column": c, "type": c} for c in ID_COLUMNS],
-             "columns": {"partner_population": list(PROFILE_CATEGORICAL + PROFILE_NUMERIC)},
+             "columns": {"partner_population": list(dict.fromkeys(PROFILE_CATEGORICAL + PROFILE_NUMERIC
+                                                                  + HOST_FEATURES))},
              "impact_assessment": "PIA-PARTNER-2026-003"},
         ],
         "purposes": ["audience", "modeling", "scoring"],
@@ -280,6 +290,53 @@ def stage_profile(run: DemoRun, progress: Progress) -> None:
                 "learns only |A∩B|; no per-person value leaves the partner.", rows, ["column", "aggregate", "value", "result"])
 
 
+def stage_train(run: DemoRun, progress: Progress) -> None:
+    match = run_job(run, progress, "match", {"id_types": ["phone"], "dataset": "brand_leads"})
+    try:
+        job = run_job(run, progress, "train", {
+            "match_job": match["id"], "label": "converted", "guest_features": list(GUEST_FEATURES),
+            "host_features": {PARTNER: list(HOST_FEATURES)}, "test_fraction": 0.3, "seed": run.seed})
+    except ConfideError as exc:
+        # Too few consented, matched rows: the nodes refuse rather than risk leaking labels.
+        run.section("Job: train (vertical logistic regression, Paillier)",
+                    f"Refused, as designed, at this data size: {exc.message}. Run the demo with a larger --scale.")
+        return
+    res = next(iter(private(run, BRAND, job["id"]).values()))
+    metrics = res.get("metrics", res)
+    run.model = job["id"]
+    keys = ("auc", "guest_only_auc", "ks", "pr_auc", "lift_top_decile")
+    rows = [[k, f"{metrics[k]:.3f}" if isinstance(metrics.get(k), (int, float)) else str(metrics.get(k))]
+            for k in keys if k in metrics]
+    reg = job["result"]
+    rows.append(["rows: matched / consented at both nodes / train / held-out",
+                 f"{res.get('matched_rows')} / {res.get('rows')} / {res.get('train_rows')} / {res.get('test_rows')}"])
+    run.section("Job: train (vertical logistic regression, Paillier)",
+                f"Match job {match['id'][:8]} aligned the brand's leads with the partner by opaque join keys; train "
+                f"job {job['id'][:8]} ran guest (brand labels + lead signals), host (partner signals) and the "
+                "arbiter at the coordinator (2048-bit Paillier). Held-out metrics stay at the brand; the coordinator "
+                "keeps only a registry entry (version, agreement, features, sizes, config). At demo scale the set of "
+                "leads known to both parties and consented at both is small, so these metrics are noisy; "
+                "bench/RESULTS.md has the quality benchmark on real data (default-credit).",
+                rows, ["metric (held-out)", "value"])
+
+
+def stage_score(run: DemoRun, progress: Progress) -> None:
+    if not run.model:
+        run.section("Job: score (0-1 lead scores for the brand)", "Skipped: no model was trained.")
+        return
+    job = run_job(run, progress, "score", {"model": run.model, "dataset": "brand_leads"})
+    res = next(iter(private(run, BRAND, job["id"]).values()))
+    scores = res.get("scores", [])
+    missing = sum(1 for x in scores if x.get("partner_missing"))
+    top = sorted(scores, key=lambda x: -x.get("score", 0))[:5]
+    rows = [[x.get("lead", x.get("row_key", "?")), f"{x.get('score', 0):.3f}", str(x.get("partner_missing"))]
+            for x in top]
+    run.section("Job: score (0-1 lead scores for the brand)",
+                f"Scored {len(scores):,} leads with model {run.model[:8]}: {len(scores) - missing:,} with the "
+                f"partner's signals, {missing:,} from the brand's part alone (partner_missing); leads opted out of "
+                "personalised marketing were not scored. Top leads:", rows, ["lead", "score", "partner missing"])
+
+
 STAGES: list[tuple[str, Callable[[DemoRun, Progress], None]]] = [
     ("generate synthetic data", stage_synth),
     ("start services (mTLS)", stage_services),
@@ -291,6 +348,8 @@ STAGES: list[tuple[str, Callable[[DemoRun, Progress], None]]] = [
     ("overlap job (PSI)", stage_overlap),
     ("match job (PSI waterfall)", stage_match),
     ("profile job (PSI + Paillier)", stage_profile),
+    ("train job (vertical FL)", stage_train),
+    ("score job", stage_score),
 ]
 
 

@@ -20,7 +20,7 @@ def test_demo_runs_every_stage_and_writes_a_clean_report(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     html = (out / "report.html").read_text()
     for title in ("Registry", "Ingest", "Consent", "Agreement", "Job: dataset-stats", "Job: overlap",
-                  "Job: match", "Job: profile"):
+                  "Job: match", "Job: profile", "Job: train", "Job: score"):
         assert title in html, title
     with open(out / "data" / "brand_members.csv", newline="") as fh:
         phones = [row["phone"] for row, _ in zip(csv.DictReader(fh), range(200)) if row["phone"]]
