@@ -100,7 +100,7 @@ class ProfileJob(_PsiJob):
         cols = {k: params.get(k) or [] for k in ("categorical", "numeric")}
         base = super().validate_params(spec, {k: v for k, v in params.items()
                                               if k in ("id_types", "partner", "dataset")})
-        unknown = set(params) - {"id_types", "partner", "dataset", "categorical", "numeric"}
+        unknown = set(params) - {"id_types", "partner", "dataset", "categorical", "numeric", "categories"}
         if unknown:
             raise ValidationError(f"profile takes id_types, partner, categorical, numeric; not {sorted(unknown)}",
                                   field="params")
@@ -114,7 +114,15 @@ class ProfileJob(_PsiJob):
                                       field="params")
         if len(base["id_types"]) != 1:
             raise ValidationError("profile matches on one identifier type", field="id_types")
-        return {**base, **cols}
+        # The agreed vocabulary of each categorical column; without it the partner's own values
+        # of the column would be revealed to the brand as cell labels.
+        categories = params.get("categories") or {}
+        if not isinstance(categories, dict) or any(
+            c not in cols["categorical"] or not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v)
+            for c, v in categories.items()
+        ):
+            raise ValidationError("categories maps categorical columns to non-empty lists of values", field="categories")
+        return {**base, **cols, "categories": categories}
 
 
 register(OverlapJob())

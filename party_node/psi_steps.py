@@ -110,7 +110,8 @@ def psi_step(ctx: StepContext) -> dict[str, Any]:
                 _drive(role, channel, peer, [])
         elif mode is Mode.profile:
             spec = ProfileSpec(categorical=tuple(params.get("categorical", [])),
-                               numeric=tuple(params.get("numeric", [])), k_min=ctx.agreement.spec.k_min)
+                               numeric=tuple(params.get("numeric", [])), k_min=ctx.agreement.spec.k_min,
+                               categories={c: tuple(v) for c, v in (params.get("categories") or {}).items()})
             items = prepared.items[id_types[0]]
             if me == requester:
                 role = ProfileRequester(base, items, spec, executor)

@@ -163,6 +163,14 @@ def test_profile_equals_plaintext_aggregates_with_suppression(world) -> None:  #
     assert "cells" not in json.dumps(job["result"])
 
 
+def test_profile_with_agreed_vocabulary_hides_other_values(world) -> None:  # type: ignore[no-untyped-def]
+    net, w = world
+    job = _run(net, "profile", categorical=["tier"], numeric=["spend"], categories={"tier": ["silver"]})
+    prof = _private(net, "brand", job["id"])["profile"]
+    labels = {c["value"] for c in prof["cells"] if c["column"] == "tier"}
+    assert "gold" not in labels and "silver" in labels  # 'gold' is folded into the 'other' cell
+
+
 def test_profile_refuses_columns_outside_the_agreement(world) -> None:  # type: ignore[no-untyped-def]
     from confide.errors import ValidationError
 
