@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import pytest
 
@@ -33,7 +32,6 @@ def test_process_pool_bounded_in_flight() -> None:
         _contract(ex)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
 def test_ray_local_instance() -> None:
     import ray
 
