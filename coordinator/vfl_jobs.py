@@ -6,7 +6,14 @@ runs at the coordinator, started by `on_start` in a background thread (`coordina
 
     params = {"match_job": "<id of a succeeded match job>", "label": "converted",
               "guest_features": ["x0", ...], "host_features": {"partner": ["x0", ...]},
-              "test_fraction": 0.2, "seed": 42, "train": {<federated.roles.TrainConfig fields>}}
+              "test_fraction": 0.2, "seed": 42, "train": {<federated.roles.TrainConfig fields>},
+              "categories": {"partner": {"income_level": ["1", "2", "3"], "city": None}},
+              "max_categories": 16, "standardize": true}
+
+Categorical columns (schema type `category`, or named in `categories`) are one-hot encoded at
+their own node over the given vocabulary (None: the node's most frequent values, at most
+`max_categories`, plus an "other" indicator); numeric columns are standardised on the training
+rows (`party_node.features`). The expanded names stay at the node; only counts cross.
 
 What the coordinator keeps (`finalize`): a model registry entry — model version (= the job id),
 agreement, data sizes, feature names, training config, epochs and stop reason. The held-out
@@ -17,7 +24,7 @@ the model parts (weights, mask seeds) in each party's private step result.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from confide.agreements import AgreementSpec
 from confide.errors import ConfideError, ValidationError
@@ -26,7 +33,9 @@ from coordinator.jobtypes import StepPlan, register
 # Paillier keys below 2048 bits (`train.allow_short_keys`) only where the operator started the
 # service with this variable set to 1 (the test suite); the nodes check it too.
 SHORT_KEYS_ENV = "CONFIDE_TEST_SHORT_KEYS"
-PARAMS = {"match_job", "label", "guest_features", "host_features", "test_fraction", "seed", "train"}
+MAX_CATEGORIES, MAX_CATEGORIES_LIMIT = 16, 256  # as party_node.features (the node checks again)
+PARAMS = {"match_job", "label", "guest_features", "host_features", "test_fraction", "seed", "train",
+          "categories", "max_categories", "standardize"}
 
 
 def _agreed(spec: AgreementSpec, party: str) -> set[str]:
@@ -45,6 +54,39 @@ def check_short_keys_allowed(requested: bool) -> None:
     if requested and os.environ.get(SHORT_KEYS_ENV) != "1":
         raise ValidationError(f"allow_short_keys is for tests only: this service was not started with "
                               f"{SHORT_KEYS_ENV}=1", field="train")
+
+
+def _check_categories(value: Any, features: Mapping[str, Sequence[str]]) -> dict[str, dict[str, list[str] | None]]:
+    """Validate a job's `categories` = {party: {column: [values] | null}} against each party's
+    feature columns; raises ValidationError naming the field."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError("categories maps each party to {column: [values] or null}", field="categories")
+    out: dict[str, dict[str, list[str] | None]] = {}
+    for party, cols in value.items():
+        if party not in features:
+            raise ValidationError(f"categories names {party!r}, which has no features in this job", field="categories")
+        if not isinstance(cols, dict):
+            raise ValidationError(f"categories.{party} maps columns to [values] or null", field="categories")
+        out[party] = {}
+        for col, vocab in cols.items():
+            if col not in features[party]:
+                raise ValidationError(f"categories.{party}: {col!r} is not one of {party}'s features",
+                                      field="categories")
+            if vocab is not None:
+                if not isinstance(vocab, list) or not vocab:
+                    raise ValidationError(f"categories.{party}.{col}: the vocabulary is empty (give values, or null "
+                                          "for the node's most frequent values)", field="categories")
+                if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in vocab):
+                    raise ValidationError(f"categories.{party}.{col}: values must be strings or integers",
+                                          field="categories")
+                vocab = [str(v) for v in vocab]
+                if len(set(vocab)) != len(vocab) or len(vocab) > MAX_CATEGORIES_LIMIT:
+                    raise ValidationError(f"categories.{party}.{col}: values must be distinct, at most "
+                                          f"{MAX_CATEGORIES_LIMIT}", field="categories")
+            out[party][col] = vocab
+    return out
 
 
 class TrainJob:
@@ -110,9 +152,19 @@ class TrainJob:
             raise ValidationError(f"train.k_min may not be below the agreement's k_min={spec.k_min}", field="train")
         cfg.check_keys()
         check_short_keys_allowed(cfg.allow_short_keys)
+        categories = _check_categories(params.get("categories"), {guest: guest_features, **host_features})
+        max_categories = params.get("max_categories", MAX_CATEGORIES)
+        if not isinstance(max_categories, int) or isinstance(max_categories, bool) \
+                or not 1 <= max_categories <= MAX_CATEGORIES_LIMIT:
+            raise ValidationError(f"max_categories must be an integer in 1..{MAX_CATEGORIES_LIMIT}",
+                                  field="max_categories")
+        standardize = params.get("standardize", True)
+        if not isinstance(standardize, bool):
+            raise ValidationError("standardize must be true or false", field="standardize")
         return {"match_job": match_job, "label": label, "guest": guest, "hosts": sorted(host_features),
                 "guest_features": guest_features, "host_features": host_features,
-                "test_fraction": float(tf), "seed": seed, "train": cfg.model_dump(mode="json")}
+                "test_fraction": float(tf), "seed": seed, "train": cfg.model_dump(mode="json"),
+                "categories": categories, "max_categories": max_categories, "standardize": standardize}
 
     def plan(self, spec: AgreementSpec, params: dict[str, Any]) -> list[StepPlan]:
         return [StepPlan(f"train@{p}", p, 0, {}) for p in [params["guest"], *params["hosts"]]]

@@ -163,8 +163,10 @@ class _Links:
         self.stop.set()
 
 
-def _dataset_and_frame(ctx: StepContext, match_job: str, columns: list[str]) -> tuple[str, str, Any, dict[str, str]]:
-    """(dataset, key column, frame of matched rows with `columns`, row key -> join key)."""
+def _dataset_and_frame(ctx: StepContext, match_job: str, columns: list[str]
+                       ) -> tuple[str, str, Any, dict[str, str], dict[str, str]]:
+    """(dataset, key column, frame of matched rows with `columns`, row key -> join key,
+    column -> schema type)."""
     from party_node import datasets as ds
 
     with session_scope(ctx.node.factory) as s:
@@ -185,28 +187,26 @@ def _dataset_and_frame(ctx: StepContext, match_job: str, columns: list[str]) -> 
             raise AgreementError(f"columns {missing} are not agreed for dataset {dataset!r}")
         info = ds.describe(s, dataset)
     key = next(c["column"] for c in info["columns"] if c["role"] == "key")
+    types = {c["column"]: c["type"] for c in info["columns"]}
+    unknown = [c for c in columns if c not in types]
+    if unknown:
+        raise ValidationError(f"dataset {dataset!r} has no column(s) {unknown}", field="features")
     joins = {str(r[0]): str(r[1]) for r in rows}
     frame = ds.load_frame(ctx.node.engine, dataset, list(dict.fromkeys([key, *columns])))
     frame[key] = frame[key].astype(str)
     frame = frame[frame[key].isin(joins)]
     if frame[key].duplicated().any():
         raise ValidationError(f"dataset {dataset!r} has duplicate row keys among the matched rows")
-    return dataset, key, frame, joins
+    return dataset, key, frame, joins, types
 
 
-def _matrix(frame: Any, columns: list[str], what: str) -> np.ndarray:
-    from federated.roles import check_features
+def _encoder(model: dict[str, Any]) -> Any:
+    """The feature transform stored with a model part (raw columns for parts trained before)."""
+    from party_node.features import Encoder
 
-    for c in columns:
-        col = frame[c]
-        if col.isna().any():
-            raise ValidationError(f"{what}: feature column {c!r} has {int(col.isna().sum())} missing values among "
-                                  "the training rows; impute them first", field="features")
-        try:
-            frame[c].astype("float64")
-        except (TypeError, ValueError):
-            raise ValidationError(f"{what}: feature column {c!r} is not numeric", field="features") from None
-    return check_features(frame[columns].astype("float64").to_numpy(), what)
+    if "encoding" in model:
+        return Encoder.from_dict(model["encoding"])
+    return Encoder.identity(list(model["features"]))
 
 
 def _agree_rows(ctx: StepContext, allowed_keys: set[str], others: list[str]) -> set[str]:
@@ -233,6 +233,8 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
     from federated import roles as R
     from federated.executor import InProcessExecutor, ProcessPoolExecutor
     from federated.metrics import evaluate
+    from federated.roles import check_features
+    from party_node import features as features_mod
 
     t0 = time.perf_counter()
     p = ctx.params
@@ -245,7 +247,14 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
     rule = ctx.agreement.spec.rule(ctx.job_type or "train")
     features = list(p["guest_features"] if is_guest else p["host_features"][me])
     columns = features + ([p["label"]] if is_guest else [])
-    dataset, key, frame, joins = _dataset_and_frame(ctx, p["match_job"], columns)
+    dataset, key, frame, joins, types = _dataset_and_frame(ctx, p["match_job"], columns)
+    what = f"{me} dataset {dataset}"
+    encode = {"categories": (p.get("categories") or {}).get(me),
+              "max_categories": int(p.get("max_categories", features_mod.MAX_CATEGORIES)),
+              "standardize": bool(p.get("standardize", True)), "what": what}
+    # Bad data (unknown column, missing or non-numeric values, empty vocabulary) fails here,
+    # before any row leaves the node; the real fit below uses the training rows only.
+    features_mod.fit(frame, features, types, **encode).transform(frame, what)
 
     # Consent gate at this node, for each party the model's use involves.
     now = dt.datetime.now(dt.timezone.utc)
@@ -267,7 +276,6 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
         ctx.node.consent.record_usage(ctx.job_id, rule.purpose, used, agreement_id=ctx.agreement.agreement_id,
                                       recipient=other)
     join_keys = frame["_join"].tolist()
-    X = _matrix(frame, features, f"{me} dataset {dataset}")
     y = None
     if is_guest:
         raw = frame[p["label"]]
@@ -278,7 +286,6 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
             y = R.check_labels(raw.astype("float64").to_numpy())
         except (TypeError, ValueError):
             raise ValidationError("labels must be binary 0/1", field="label") from None
-    del frame
     n = len(join_keys)
     cfg = R.TrainConfig(**p["train"])
     # This node's own check: a partner does not accept short keys on the requester's word.
@@ -291,6 +298,10 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
     if len(train) == 0 or len(test) == 0:
         raise ValidationError("the split leaves no training or no held-out rows; change test_fraction")
     train_keys = [join_keys[i] for i in train]
+    # Categorical columns one-hot, numeric standardised: fitted on the training rows only, here.
+    encoder = features_mod.fit(frame.iloc[train], features, types, **encode)
+    X = check_features(encoder.transform(frame, what), what)
+    del frame
 
     executor = ProcessPoolExecutor() if len(train) >= POOL_ROWS else InProcessExecutor()
     links = _Links(ctx, others)
@@ -329,7 +340,8 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
         links.close()
         executor.close()
 
-    model = {**role.model(), "features": features, "dataset": dataset, "mask_seeds": seeds}
+    model = {**role.model(), "features": features, "dataset": dataset, "mask_seeds": seeds,
+             "encoding": encoder.to_dict(), "feature_names": encoder.names}
     epochs = len(role.losses)
     private: dict[str, Any] = {
         "role": "guest" if is_guest else "host", "model_version": ctx.job_id, "model": model,
@@ -357,7 +369,8 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
         "purpose": rule.purpose, "role": private["role"], "model_version": ctx.job_id, "matched_rows": len(joins),
         "rows_used": n, "denied": denied, "epochs": epochs})
     public = {"model_version": ctx.job_id, "role": private["role"], "train_rows": int(len(train)),
-              "test_rows": int(len(test)), "features": len(features), "epochs": epochs,
+              "test_rows": int(len(test)), "features": encoder.width, "source_columns": len(features),
+              "epochs": epochs,
               "stop_reason": role.stop_reason}
     return {**public, PRIVATE: private}
 
@@ -452,7 +465,7 @@ def score_step(ctx: StepContext) -> dict[str, Any]:
             raise ProtocolError("the guest asked for join keys this node did not offer")
         info_key, frame = _scoring_frame(ctx, model["dataset"], features)
         frame = frame.set_index(info_key).loc[[by_key[k] for k in final]] if final else frame.iloc[:0]
-        partial = R.host_partial(model, _matrix(frame.reset_index(), features, f"{me} scoring rows")) \
+        partial = R.host_partial(model, _encoder(model).transform(frame.reset_index(), f"{me} scoring rows")) \
             if final else np.zeros(0)
         _send_share(ctx, me, partial, [model["mask_seeds"][0]], "host")
         ctx.node.consent.record_usage(ctx.job_id, rule.purpose, [by_key[k] for k in final],
@@ -493,7 +506,7 @@ def score_step(ctx: StepContext) -> dict[str, Any]:
     for h in hosts:
         ch.send(h, json.dumps(final).encode())
     lead_of = {k: r for r, k in join_of.items()}
-    X = _matrix(frame, features, f"{dataset} leads")
+    X = _encoder(model).transform(frame, f"{dataset} leads")
     pos = {r: i for i, r in enumerate(leads)}
     idx = np.array([pos[lead_of[k]] for k in final], dtype=np.int64)
     partial = R.guest_partial(model, X[idx]) if len(idx) else np.zeros(0)
