@@ -95,6 +95,9 @@ class Job(CoordinatorBase):
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     result: Mapped[dict | None] = mapped_column(JSON, default=None)
+    mandate: Mapped[dict | None] = mapped_column(
+        JSON, default=None, doc="the requester's signed job mandate, forwarded to every node (confide/mandate.py)"
+    )
 
     steps: Mapped[list["JobStep"]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobStep.seq", lazy="selectin"
