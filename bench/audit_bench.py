@@ -2,7 +2,8 @@
 
     python bench/audit_bench.py [--append-n 20000] [--verify-n 1000000] [--no-pg]
 
-Measures single `append` rate (each call its own committed transaction), `append_many` rate,
+Measures single `append` rate (each call its own committed transaction) from one caller and
+from 4, 16 and 64 concurrent callers (group commit), `append_many` rate,
 `verify_log` time for a large log against signed heads, root and proof times, and proof
 sizes at 10^3 and 10^6 entries. Prints a JSON document; paste the numbers into
 bench/RESULTS.md.
@@ -91,12 +92,44 @@ def bench_append(kind: str, n: int) -> dict[str, Any]:
         single = n / (time.perf_counter() - t)
         # Appends per CPU-second of this process: less sensitive to other load on the machine.
         single_cpu = n / (time.process_time() - c)
+        concurrent = {}
+        for threads in (4, 16, 64):
+            concurrent[threads] = bench_concurrent(log, n, threads)
         m = 10 * n
         t = time.perf_counter()
         log.append_many(("consent.import", payload(i)) for i in range(m))
         many = m / (time.perf_counter() - t)
-        assert log.size() == n + m + 1
-    return {"append_per_s": round(single), "append_per_cpu_s": round(single_cpu), "append_n": n, "append_many_per_s": round(many), "append_many_n": m}
+        assert log.size() == n + m + 1 + sum(c["entries"] for c in concurrent.values())
+    return {"append_per_s": round(single), "append_per_cpu_s": round(single_cpu), "append_n": n,
+            "concurrent_append_per_s": concurrent,
+            "append_many_per_s": round(many), "append_many_n": m}
+
+
+def bench_concurrent(log: AuditLog, n: int, threads: int) -> dict[str, Any]:
+    """`threads` callers each making single `append` calls (each returns once its leaf is
+    committed); the group commit shares transactions among them. Rate over all callers."""
+    import threading
+
+    per = n // threads
+    barrier = threading.Barrier(threads + 1)
+    tx0 = log._group.transactions
+
+    def caller(k: int) -> None:
+        barrier.wait()
+        for i in range(per):
+            log.append("gate.decision", payload(k * per + i))
+
+    pool = [threading.Thread(target=caller, args=(k,)) for k in range(threads)]
+    for th in pool:
+        th.start()
+    barrier.wait()
+    t = time.perf_counter()
+    for th in pool:
+        th.join()
+    wall = time.perf_counter() - t
+    done = per * threads
+    return {"entries": done, "per_s": round(done / wall),
+            "entries_per_transaction": round(done / max(log._group.transactions - tx0, 1), 1)}
 
 
 def bench_big(kind: str, n: int) -> dict[str, Any]:
