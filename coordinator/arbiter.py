@@ -24,6 +24,21 @@ What the arbiter sees: row counts, masked aggregates it decrypts, the per-epoch 
 held-out scores (docs/vfl.md §2). Messages are kept in memory per job, never in the database:
 a coordinator restart mid-training loses the session, the parties' next mailbox call gets 409
 and their steps fail, so the orchestrator fails the job with that reason (rerun the job).
+
+Resume after a node restart (docs/vfl.md §4b). After every `EpochDone` the arbiter keeps its
+snapshot (it holds the private key: sealed with AES-GCM under a key derived from the
+coordinator's identity key, in `arbiter_snapshots`) and each party keeps its own. A restarted
+node's step calls
+
+    POST /v1/arbiter/{job_id}/resume   {"epochs": [completed epochs it can restore], "gen": null}
+
+which opens a new *generation*: the mailbox of the old one is dropped, the other parties'
+next mailbox call answers `C{"resume": gen}` (GET) or 409 (PUT), and they call `resume` too
+(`"gen": gen`). When every party has offered, the arbiter picks the latest epoch that every
+party and the arbiter can restore (0 = start over with a fresh key), restores itself, and
+answers `{"gen", "epoch"}`; the parties restore the same epoch and continue over relay
+channel `vfl.g<gen>` and the mailbox of that generation (`?gen=<gen>`, sequence numbers from 0).
+Snapshots are deleted when the session ends, however it ends.
 """
 
 from __future__ import annotations
@@ -66,6 +81,13 @@ class Session:
     done: bool = False
     last_activity: float = field(default_factory=time.monotonic)
     stats: dict[str, Any] = field(default_factory=dict)
+    # resume (see the module docstring): the mailbox generation, the parties' offers for the
+    # open round, the epoch decided for the current generation (None while a round is open)
+    gen: int = 0
+    offers: dict[str, list[int]] = field(default_factory=dict)
+    decided: int | None = 0
+    snapshots: dict[int, dict[str, Any]] = field(default_factory=dict)
+    rows: int = 0
 
     @property
     def parties(self) -> list[str]:
@@ -74,6 +96,98 @@ class Session:
 
 _SESSIONS: dict[str, Session] = {}
 _LOCK = threading.Lock()
+
+
+class _Resumed(Exception):
+    """The session moved to a new generation: the arbiter restores the agreed epoch."""
+
+
+def _open_round(sess: Session) -> None:
+    """A new generation (call holding `sess.cond`): the old mailbox is dropped."""
+    sess.gen += 1
+    sess.offers, sess.decided = {}, None
+    sess.inbox = {}
+    sess.next_in = {p: 0 for p in sess.parties}
+    sess.outbox = {p: [] for p in sess.parties}
+    sess.cond.notify_all()
+
+
+# -- snapshots of the arbiter (private key inside): sealed at rest ---------------------------
+
+def _snapshot_key(coord: Any) -> bytes:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    raw = coord.identity.signing_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                   serialization.NoEncryption())
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"confide/arbiter-snapshot/v1").derive(raw)
+
+
+def seal_snapshot(coord: Any, job_id: str, epoch: int, snap: dict[str, Any]) -> bytes:
+    """AES-256-GCM under a key derived (HKDF) from the coordinator's identity key; the job id
+    and epoch are bound as associated data."""
+    import os as _os
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = _os.urandom(12)
+    aad = f"{job_id}:{epoch}".encode()
+    return nonce + AESGCM(_snapshot_key(coord)).encrypt(nonce, json.dumps(snap).encode(), aad)
+
+
+def open_snapshot(coord: Any, job_id: str, epoch: int, sealed: bytes) -> dict[str, Any]:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    try:
+        data = AESGCM(_snapshot_key(coord)).decrypt(sealed[:12], sealed[12:], f"{job_id}:{epoch}".encode())
+    except InvalidTag:
+        raise ProtocolError(f"the arbiter snapshot of job {job_id} epoch {epoch} does not open with this "
+                            "coordinator's key (altered, or another identity)") from None
+    return dict(json.loads(data))
+
+
+def _persist(coord: Any, sess: Session, epoch: int, snap: dict[str, Any]) -> None:
+    """Keep the snapshot of `epoch` (and the one before it: a party may be one epoch behind)."""
+    from sqlalchemy import delete
+
+    from coordinator.storage.models import ArbiterSnapshot
+
+    sess.snapshots[epoch] = snap
+    for e in [e for e in sess.snapshots if e < epoch - 1]:
+        del sess.snapshots[e]
+    with session_scope(coord.factory) as s:
+        s.execute(delete(ArbiterSnapshot).where(ArbiterSnapshot.job_id == sess.job_id,
+                                                (ArbiterSnapshot.epoch < epoch - 1) | (ArbiterSnapshot.epoch == epoch)))
+        s.add(ArbiterSnapshot(job_id=sess.job_id, epoch=epoch, rows=sess.rows,
+                              sealed=seal_snapshot(coord, sess.job_id, epoch, snap)))
+
+
+def delete_snapshots(coord: Any, job_id: str) -> None:
+    from sqlalchemy import delete
+
+    from coordinator.storage.models import ArbiterSnapshot
+
+    try:
+        with session_scope(coord.factory) as s:
+            s.execute(delete(ArbiterSnapshot).where(ArbiterSnapshot.job_id == job_id))
+    except Exception as exc:  # noqa: BLE001 - swept again when the next session starts
+        log.warning("could not delete the arbiter snapshots of job %s: %s", job_id, exc)
+
+
+def _sweep_snapshots(coord: Any) -> None:
+    """Snapshots of jobs that ended while no session ran (e.g. across a coordinator restart)."""
+    from sqlalchemy import delete, select
+
+    from coordinator.storage.models import ArbiterSnapshot, Job
+
+    try:
+        with session_scope(coord.factory) as s:
+            ended = select(Job.id).where(Job.status.in_(("succeeded", "failed", "cancelled")))
+            s.execute(delete(ArbiterSnapshot).where(ArbiterSnapshot.job_id.in_(ended)))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not sweep arbiter snapshots: %s", exc)
 
 
 def check_match_job(coord: Any, job_id: str, match_job: str) -> None:
@@ -111,6 +225,7 @@ def start_session(coord: Any, job_id: str, params: dict[str, Any]) -> Session:
                    mode=str(params.get("mode", "train")))
     sess.next_in = {p: 0 for p in sess.parties}
     sess.outbox = {p: [] for p in sess.parties}
+    _sweep_snapshots(coord)
     with _LOCK:
         _SESSIONS[job_id] = sess
     threading.Thread(target=_run, args=(coord, sess), name=f"arbiter-{job_id[:8]}", daemon=True).start()
@@ -135,39 +250,70 @@ def _job_over(coord: Any, job_id: str) -> str | None:
         return None
 
 
-def _next_message(coord: Any, sess: Session) -> tuple[str, bytes]:
-    """The next in-order message of any sender (oldest sender first), waiting for one."""
+def _wait_job(coord: Any, sess: Session, last_check: float) -> float:
+    """Every few seconds (call holding `sess.cond`): fail if idle too long or the job ended."""
+    if time.monotonic() - sess.last_activity > IDLE_S:
+        raise ProtocolError(f"no message from the parties for {IDLE_S:.0f}s")
+    if time.monotonic() - last_check > 5.0:
+        sess.cond.release()
+        try:
+            over = _job_over(coord, sess.job_id)
+        finally:
+            sess.cond.acquire()
+        if over:
+            raise ProtocolError(f"job is {over}")
+        return time.monotonic()
+    return last_check
+
+
+def _next_message(coord: Any, sess: Session, gen: int = 0) -> tuple[str, bytes]:
+    """The next in-order message of any sender (oldest sender first), waiting for one.
+    Raises _Resumed when the session moved past generation `gen`."""
     last_check = time.monotonic()
     with sess.cond:
         while True:
+            if sess.gen != gen:
+                raise _Resumed()
             for p in sess.parties:
                 data = sess.inbox.pop((p, sess.next_in[p]), None)
                 if data is not None:
                     sess.next_in[p] += 1
                     return p, data
-            if time.monotonic() - sess.last_activity > IDLE_S:
-                raise ProtocolError(f"no message from the parties for {IDLE_S:.0f}s")
-            if time.monotonic() - last_check > 5.0:
-                sess.cond.release()
-                try:
-                    over = _job_over(coord, sess.job_id)
-                finally:
-                    sess.cond.acquire()
-                if over:
-                    raise ProtocolError(f"job is {over}")
-                last_check = time.monotonic()
+            last_check = _wait_job(coord, sess, last_check)
             sess.cond.wait(1.0)
 
 
-def _post(sess: Session, out: list[tuple[str, Any]]) -> None:
+def _post(sess: Session, out: list[tuple[str, Any]], gen: int = 0) -> None:
     from federated import messages as m
 
     with sess.cond:
+        if sess.gen != gen:
+            raise _Resumed()  # computed for a generation that is gone: dropped
         for to, msg in out:
             if to not in sess.outbox:
                 raise ProtocolError(f"the arbiter tried to send to {to!r}, not a party of the job")
             sess.outbox[to].append(b"M" + m.encode(msg))
         sess.cond.notify_all()
+
+
+def _await_round(coord: Any, sess: Session) -> int:
+    """Wait until every party has offered the epochs it can restore; decide the latest epoch
+    everyone (the arbiter too) can restore, 0 meaning a fresh start."""
+    last_check = time.monotonic()
+    with sess.cond:
+        while sess.decided is None and set(sess.offers) != set(sess.parties):
+            last_check = _wait_job(coord, sess, last_check)
+            sess.cond.wait(1.0)
+        if sess.decided is None:
+            common = {0} | set(sess.snapshots)
+            for epochs in sess.offers.values():
+                common &= {0} | set(epochs)
+            sess.decided = max(common)
+            sess.stats["resumes"] = sess.stats.get("resumes", 0) + 1
+            sess.stats["resumed_from_epoch"] = sess.decided
+            log.info("arbiter for job %s: generation %d resumes from epoch %d", sess.job_id, sess.gen, sess.decided)
+            sess.cond.notify_all()
+        return sess.decided
 
 
 def _run(coord: Any, sess: Session) -> None:
@@ -176,43 +322,58 @@ def _run(coord: Any, sess: Session) -> None:
 
     rows: dict[str, int] = {}
     role: R.ArbiterRole | None = None
+    gen = 0
     try:
         if sess.mode == "score":
             _score(coord, sess)
             return
         cfg = R.TrainConfig(**sess.config)
         while True:
-            sender, data = _next_message(coord, sess)
-            if data[:1] == b"C":
-                if role is not None or sender in rows:
-                    raise ProtocolError(f"unexpected control message from {sender}")
-                try:
-                    ctl = json.loads(data[1:])
-                    n = int(ctl["rows"])
-                except Exception:  # noqa: BLE001
-                    raise ProtocolError(f"bad control message from {sender}") from None
-                rows[sender] = n
-                if set(rows) == set(sess.parties):
-                    if len(set(rows.values())) != 1:
-                        raise ValidationError("the parties hold different numbers of training rows; "
-                                              "their consent-gated rows are not aligned")
+            try:
+                sender, data = _next_message(coord, sess, gen)
+                if data[:1] == b"C":
+                    if role is not None or sender in rows:
+                        raise ProtocolError(f"unexpected control message from {sender}")
+                    try:
+                        ctl = json.loads(data[1:])
+                        n = int(ctl["rows"])
+                    except Exception:  # noqa: BLE001
+                        raise ProtocolError(f"bad control message from {sender}") from None
+                    rows[sender] = n
+                    if set(rows) == set(sess.parties):
+                        if len(set(rows.values())) != 1:
+                            raise ValidationError("the parties hold different numbers of training rows; "
+                                                  "their consent-gated rows are not aligned")
+                        role = R.ArbiterRole(ARBITER, sess.job_id, cfg, guest=sess.guest, hosts=sess.hosts,
+                                             rows=n)
+                        sess.rows = n
+                        sess.stats["train_rows"] = n
+                        _post(sess, role.start(), gen)
+                    continue
+                if data[:1] != b"M" or role is None:
+                    raise ProtocolError(f"{sender} sent a protocol message before the row counts")
+                msg = m.decode(data[1:])
+                if msg.sender != sender:
+                    raise ProtocolError(f"{sender} sent a message signed as {msg.sender!r}")
+                if isinstance(msg, m.ScoreShare) and (not role.finished or msg.request_id != EVAL_REQUEST):
+                    raise ProtocolError("score shares are taken only for the held-out rows, after training")
+                out = role.handle(msg)
+                if any(isinstance(x, m.EpochDone) for _, x in out):
+                    # Before anyone hears of the epoch: a party that has it, the arbiter has too.
+                    _persist(coord, sess, len(role.losses), role.snapshot())
+                _post(sess, out, gen)
+                if any(isinstance(x, m.Scores) for _, x in out):
+                    sess.stats.update(epochs=len(role.losses), decrypted_values=role.decrypted_values)
+                    break
+            except _Resumed:
+                role, rows = None, {}
+                epoch = _await_round(coord, sess)
+                with sess.cond:
+                    gen = sess.gen
+                if epoch > 0:
                     role = R.ArbiterRole(ARBITER, sess.job_id, cfg, guest=sess.guest, hosts=sess.hosts,
-                                         rows=n)
-                    sess.stats["train_rows"] = n
-                    _post(sess, role.start())
-                continue
-            if data[:1] != b"M" or role is None:
-                raise ProtocolError(f"{sender} sent a protocol message before the row counts")
-            msg = m.decode(data[1:])
-            if msg.sender != sender:
-                raise ProtocolError(f"{sender} sent a message signed as {msg.sender!r}")
-            if isinstance(msg, m.ScoreShare) and (not role.finished or msg.request_id != EVAL_REQUEST):
-                raise ProtocolError("score shares are taken only for the held-out rows, after training")
-            out = role.handle(msg)
-            _post(sess, out)
-            if any(isinstance(x, m.Scores) for _, x in out):
-                sess.stats.update(epochs=len(role.losses), decrypted_values=role.decrypted_values)
-                break
+                                         rows=sess.rows)
+                    role.restore(sess.snapshots[epoch])
         _finish(sess)
     except Exception as exc:  # noqa: BLE001 - reported to the parties, who fail their steps
         msg = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
@@ -222,6 +383,9 @@ def _run(coord: Any, sess: Session) -> None:
             sess.cond.notify_all()
     finally:
         role = None  # drop the private key
+        sess.snapshots = {}
+        if sess.mode != "score":
+            delete_snapshots(coord, sess.job_id)
         timer = threading.Timer(KEEP_S, _forget, args=(sess.job_id,))
         timer.daemon = True
         timer.start()
@@ -274,11 +438,15 @@ def _session_for(coord: Any, job_id: str, peer: str) -> Session:
     return sess
 
 
+RESUMED = "the training resumed"  # in the 409 a party gets for a superseded generation
+
+
 def arbiter_router(coord: Any, party_dep: Callable[..., Any]) -> APIRouter:
     router = APIRouter()
 
     @router.put("/v1/arbiter/{job_id}/in/{seq}")
-    async def put_in(job_id: str, seq: int, request: Request, peer: Peer = Depends(party_dep)) -> dict[str, int]:
+    async def put_in(job_id: str, seq: int, request: Request, gen: int = 0,
+                     peer: Peer = Depends(party_dep)) -> dict[str, int]:
         body = await request.body()
         if not body or len(body) > MAX_BODY:
             raise ValidationError("arbiter mailbox: empty or oversized message")
@@ -288,6 +456,10 @@ def arbiter_router(coord: Any, party_dep: Callable[..., Any]) -> APIRouter:
                 raise Conflict(f"the arbiter failed: {sess.error}")
             if sess.done:
                 raise Conflict(f"the arbiter of job {job_id} has finished")
+            if gen < sess.gen:
+                raise Conflict(f"{RESUMED} (generation {sess.gen}); message of generation {gen} dropped")
+            if gen > sess.gen or sess.decided is None:
+                raise ValidationError(f"arbiter mailbox: generation {gen} is not open")
             nxt = sess.next_in[peer.name]
             if seq < nxt or (peer.name, seq) in sess.inbox:
                 raise Conflict(f"arbiter message #{seq} from {peer.name} already sent (replay?)")
@@ -299,13 +471,16 @@ def arbiter_router(coord: Any, party_dep: Callable[..., Any]) -> APIRouter:
         return {"bytes": len(body)}
 
     @router.get("/v1/arbiter/{job_id}/out/{seq}")
-    def get_out(job_id: str, seq: int, peer: Peer = Depends(party_dep)) -> Response:
+    def get_out(job_id: str, seq: int, gen: int = 0, peer: Peer = Depends(party_dep)) -> Response:
         sess = _session_for(coord, job_id, peer.name)
         deadline = time.monotonic() + LONG_POLL_S
         with sess.cond:
             while True:
+                if gen < sess.gen:  # the caller's generation is over: tell it to resume
+                    return Response(content=b"C" + json.dumps({"resume": sess.gen}).encode(),
+                                    media_type="application/octet-stream")
                 box = sess.outbox[peer.name]
-                if 0 <= seq < len(box):
+                if gen == sess.gen and 0 <= seq < len(box):
                     return Response(content=box[seq], media_type="application/octet-stream")
                 if sess.error:
                     raise Conflict(f"the arbiter failed: {sess.error}")
@@ -313,5 +488,45 @@ def arbiter_router(coord: Any, party_dep: Callable[..., Any]) -> APIRouter:
                 if sess.done or left <= 0:
                     raise NotFound(f"arbiter: no message #{seq} for {peer.name} yet")
                 sess.cond.wait(left)
+
+    @router.post("/v1/arbiter/{job_id}/resume")
+    def resume(job_id: str, body: dict[str, Any], peer: Peer = Depends(party_dep)) -> dict[str, Any]:
+        """A party offers the completed epochs it can restore (see the module docstring).
+        Answers {"gen", "epoch"} once every party has offered, else {"gen", "pending": true}
+        after a few seconds (call again with that gen)."""
+        epochs, join = body.get("epochs"), body.get("gen")
+        if not isinstance(epochs, list) or not all(isinstance(e, int) and e >= 0 for e in epochs) \
+                or len(epochs) > 16:
+            raise ValidationError("epochs must be a short list of completed epoch numbers", field="epochs")
+        if join is not None and not isinstance(join, int):
+            raise ValidationError("gen must be an integer or null", field="gen")
+        sess = _session_for(coord, job_id, peer.name)
+        if sess.mode != "train":
+            raise Conflict(f"job {job_id} is not a training job; nothing to resume")
+        deadline = time.monotonic() + LONG_POLL_S
+        with sess.cond:
+            if sess.error:
+                raise Conflict(f"the arbiter failed: {sess.error}")
+            if sess.done:
+                raise Conflict(f"the arbiter of job {job_id} has finished")
+            if join is not None and join > sess.gen:
+                raise ValidationError(f"generation {join} was never opened", field="gen")
+            if not (join == sess.gen and sess.decided is not None):
+                if sess.decided is not None:  # a restarted party (or news of one): a new round
+                    _open_round(sess)
+                sess.offers[peer.name] = sorted(set(epochs))
+                sess.last_activity = time.monotonic()
+                sess.cond.notify_all()
+            gen = sess.gen
+            while sess.decided is None and sess.gen == gen and not sess.error:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sess.cond.wait(left)
+            if sess.error:
+                raise Conflict(f"the arbiter failed: {sess.error}")
+            if sess.gen == gen and sess.decided is not None:
+                return {"gen": gen, "epoch": sess.decided}
+            return {"gen": sess.gen, "pending": True}
 
     return router

@@ -152,3 +152,18 @@ class RelayMessage(CoordinatorBase):
     seq: Mapped[int] = mapped_column(Integer)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ArbiterSnapshot(CoordinatorBase):
+    """The vertical-training arbiter's state after a completed epoch, for resuming after a node
+    restart. It holds the job's Paillier private key, so it is stored sealed (AES-GCM under a key
+    derived from the coordinator's identity key, `coordinator.arbiter.seal_snapshot`). Deleted
+    when the training session ends."""
+
+    __tablename__ = "arbiter_snapshots"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True, doc="completed epochs")
+    rows: Mapped[int] = mapped_column(Integer, doc="training rows (the arbiter role is rebuilt with it)")
+    sealed: Mapped[bytes] = mapped_column(LargeBinary, doc="12-byte nonce + AES-GCM ciphertext")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
