@@ -36,6 +36,8 @@ import logging
 import os
 import itertools
 import operator
+import queue
+import threading
 import uuid
 from collections import Counter
 from itertools import compress
@@ -524,8 +526,7 @@ class ConsentStore:
             ctx = _IngestContext(self, session)
             if ctx.pg:
                 _open_state_stage(session)
-            for chunk in _chunks(labelled, _IMPORT_CHUNK):
-                n_new, n_dup, ids, wd = ctx.ingest(chunk, default_actor, source)
+            for n_new, n_dup, ids, wd in _pipelined(ctx, _chunks(labelled, _IMPORT_CHUNK), default_actor, source):
                 recorded += n_new
                 duplicates += n_dup
                 if len(new_ids) < 1000:
@@ -852,6 +853,63 @@ class ConsentStore:
 # --------------------------------------------------------------------------- ingest
 
 
+_WriteResult = tuple[int, int, list[str], list[tuple[str, str, str | None]]]
+
+
+def _pipelined(
+    ctx: "_IngestContext", chunks: Iterator[list[tuple[str, ConsentEventIn]]], default_actor: str, source: str
+) -> list[_WriteResult]:
+    """Prepare chunk k+1 (parse, validate, pseudonymise, hash: Python CPU) while chunk k is
+    written by a second thread (database round trips, COPY or executemany, during which the
+    driver releases the GIL and the database server works on the other core). Writes stay in
+    order on the one transaction of `ctx.session`. A single chunk is written inline.
+
+    Errors keep their sequential order: the writer stops at its first error; a preparation
+    error of a later chunk is raised only if every earlier chunk was written cleanly."""
+    first = next(chunks, None)
+    if first is None:
+        return []
+    prepared = ctx.prepare_chunk(first, default_actor)
+    second = next(chunks, None)
+    if second is None:
+        return [ctx.write_chunk(*prepared, default_actor, source)]
+    work: queue.Queue[tuple[dict[str, _Prepared], int] | None] = queue.Queue(maxsize=2)
+    results: list[_WriteResult] = []
+    failed: list[BaseException] = []
+
+    def writer() -> None:
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            if failed:
+                continue  # drain after an error; the transaction is rolled back
+            try:
+                results.append(ctx.write_chunk(*item, default_actor, source))
+            except BaseException as exc:
+                failed.append(exc)
+
+    thread = threading.Thread(target=writer, name="consent-import-writer", daemon=True)
+    thread.start()
+    try:
+        work.put(prepared)
+        for chunk in itertools.chain([second], chunks):
+            if failed:
+                break
+            work.put(ctx.prepare_chunk(chunk, default_actor))
+    except BaseException:
+        work.put(None)
+        thread.join()
+        if failed:
+            raise failed[0] from None
+        raise
+    work.put(None)
+    thread.join()
+    if failed:
+        raise failed[0]
+    return results
+
+
 class _IngestContext:
     """Per-transaction state of an ingest: caches of notices, recipients and subject keys."""
 
@@ -946,7 +1004,16 @@ class _IngestContext:
     def ingest(
         self, chunk: list[tuple[str, ConsentEventIn]], default_actor: str, source: str
     ) -> tuple[int, int, list[str], list[tuple[str, str, str | None]]]:
-        session = self.session
+        """Prepare and write one chunk (see `prepare_chunk` and `write_chunk`)."""
+        prepared, duplicates = self.prepare_chunk(chunk, default_actor)
+        return self.write_chunk(prepared, duplicates, default_actor, source)
+
+    def prepare_chunk(
+        self, chunk: list[tuple[str, ConsentEventIn]], default_actor: str
+    ) -> tuple[dict[str, _Prepared], int]:
+        """Validate, pseudonymise and hash one chunk; no database access (it may run while the
+        previous chunk is being written). Returns the distinct events by id and how many
+        repeats of an event earlier in the chunk were dropped."""
         refs = self.store._keys.refs(e.subject for _, e in chunk)
         prepared: dict[str, _Prepared] = {}
         duplicates = 0
@@ -963,6 +1030,15 @@ class _IngestContext:
                 duplicates += 1
                 continue
             prepared[e.event_id] = p
+        return prepared, duplicates
+
+    def write_chunk(
+        self, prepared: dict[str, _Prepared], duplicates: int, default_actor: str, source: str
+    ) -> tuple[int, int, list[str], list[tuple[str, str, str | None]]]:
+        """Drop events already recorded (raising Conflict for an id recorded with other content
+        or an erased subject), encrypt identifiers, write events and projection rows, and
+        append the batch's audit entry. Returns (recorded, duplicates, new ids, withdrawals)."""
+        session = self.session
         if not self.events_empty and prepared:
             for ids in _chunks(list(prepared), _IN_CHUNK):
                 rows = _existing_events(session, ids, self.pg)

@@ -136,3 +136,37 @@ def test_file_shape_errors(tmp_path: Path, db_url: str) -> None:
     broken.write_text('{"event_id": "a"}\n{not json\n')
     with pytest.raises(ValidationError, match="line 1"):  # first row already lacks fields
         import_file(s, broken)
+
+
+def test_multi_chunk_import_is_pipelined_in_order_and_all_or_nothing(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small chunks force the prepare/write pipeline through many chunks: the result equals a
+    one-chunk import; a conflict found by the writer in an early chunk wins over a bad row in a
+    later chunk, and nothing is written either way."""
+    from consent import store as store_mod
+
+    rows = _rows(40)
+    one = _store(f"sqlite:///{tmp_path / 'one-chunk.db'}")  # the oracle: the same file in one chunk
+    import_file(one, _write(tmp_path, rows))
+    expected = _snapshot(one)
+    monkeypatch.setattr(store_mod, "_IMPORT_CHUNK", 3)
+    s = _store(db_url)
+    # A repeat of an event across chunks counts as a duplicate, not an error.
+    res = import_file(s, _write(tmp_path, rows + [rows[1]]))
+    assert (res.recorded, res.duplicates) == (40, 1)
+    assert _snapshot(s) == expected
+    # Re-import with a conflicting id in chunk 2 (written by the writer thread) and a bad row in
+    # chunk 9 (found while preparing): the earlier problem is reported; nothing is added.
+    fresh = [{**r, "event_id": f"new-{i}"} for i, r in enumerate(rows)]
+    fresh[4] = {**rows[4], "channel": "app"}  # imp-4 already recorded with other content
+    fresh[26] = {**fresh[26], "purpose": "modeling.nope"}
+    with pytest.raises(Conflict) as exc:
+        import_file(s, _write(tmp_path, fresh))
+    assert "imp-4" in exc.value.message
+    assert _snapshot(s)[0] == expected[0]
+    fresh[4] = {**fresh[4], "event_id": "new-4"}
+    with pytest.raises(ValidationError) as bad:
+        import_file(s, _write(tmp_path, fresh))
+    assert bad.value.details["field"] == "bad.csv line 28.purpose"
+    assert _snapshot(s)[0] == expected[0]
