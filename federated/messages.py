@@ -79,8 +79,20 @@ class FeatureCiphers(_Msg):
     data: bytes = Field(repr=False)
 
 
+class WeightCiphers(_Msg):
+    """Guest → host, once per job (loss "irls" only): the per-row IRLS weights s_i = sigma'(a_i)
+    of its training rows, fixed-point, one ciphertext per row, under the arbiter's key."""
+
+    kind: Literal["weight_ciphers"] = "weight_ciphers"
+    offset: int = Field(ge=0)
+    rows: int = Field(ge=0, le=MAX_CHUNK_ROWS)
+    final: bool
+    data: bytes = Field(repr=False)
+
+
 class GuestGradPart(_Msg):
-    """Host → guest, per batch: [[X_guest^T (0.25 u_host)]] over the batch, packed, rerandomized."""
+    """Host → guest, per batch: [[X_guest^T (0.25 u_host)]] (taylor) or [[X_guest^T S u_host]]
+    (irls) over the batch, packed, rerandomized."""
 
     kind: Literal["guest_grad_part"] = "guest_grad_part"
     epoch: int = Field(ge=0)
@@ -89,7 +101,8 @@ class GuestGradPart(_Msg):
 
 
 class HostGradPart(_Msg):
-    """Guest → host: [[X_host^T d_guest]]; host → other host: [[X_host^T (0.25 u_sender)]]."""
+    """Guest → host: [[X_host^T d_guest]] (taylor) or [[X_host^T c]] (irls); host → other host
+    (taylor): [[X_host^T (0.25 u_sender)]]."""
 
     kind: Literal["host_grad_part"] = "host_grad_part"
     epoch: int = Field(ge=0)
@@ -117,7 +130,7 @@ class DecryptReply(_Msg):
 
 class LossShare(_Msg):
     """Guest/host → arbiter, per epoch: its additive share (mod 2^128, fixed-point) of the
-    epoch's summed Taylor loss; pairwise masks cancel only in the sum."""
+    epoch's summed training loss (Taylor or IRLS surrogate); pairwise masks cancel only in the sum."""
 
     kind: Literal["loss_share"] = "loss_share"
     epoch: int = Field(ge=0)
@@ -154,16 +167,16 @@ class Scores(_Msg):
 
 Message = Annotated[
     Union[
-        ArbiterKey, PartyHello, FeatureCiphers, GuestGradPart, HostGradPart, DecryptRequest,
+        ArbiterKey, PartyHello, FeatureCiphers, WeightCiphers, GuestGradPart, HostGradPart, DecryptRequest,
         DecryptReply, LossShare, EpochDone, ScoreShare, Scores,
     ],
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
-_WITH_DATA = {"feature_ciphers", "guest_grad_part", "host_grad_part", "decrypt_request", "decrypt_reply",
+_WITH_DATA = {"feature_ciphers", "weight_ciphers", "guest_grad_part", "host_grad_part", "decrypt_request", "decrypt_reply",
               "score_share", "scores"}
 ALL_KINDS = (
-    "arbiter_key", "party_hello", "feature_ciphers", "guest_grad_part", "host_grad_part",
+    "arbiter_key", "party_hello", "feature_ciphers", "weight_ciphers", "guest_grad_part", "host_grad_part",
     "decrypt_request", "decrypt_reply", "loss_share", "epoch_done", "score_share", "scores",
 )
 

@@ -12,7 +12,8 @@ Speed comes from doing less work per value, never from weaker keys (2048-bit by 
   in batches on the executor's process pool (`ObfuscatorPool.fill`); encrypting is then two
   multiplications.
 - **Multi-exponentiation.** `prod_i c_i^{e_i} mod n^2` for short exponents with Pippenger's
-  bucket method (shared squarings), split across the executor's workers.
+  bucket method (shared squarings), split across the executor's workers; with packed
+  exponents (`multi_exp_packed`) one pass gives several weighted sums of scalar ciphertexts.
 - **CRT decryption** with the factors of n.
 
 Ciphertexts and plaintexts are Python ints (gmpy2 `mpz` inside); on the wire they are fixed-width
@@ -334,6 +335,22 @@ def multi_exp(pub: PublicKey, bases: Sequence[Any], exps: Sequence[int], executo
         pos = pos * p % n2
         neg = neg * q % n2
     return pos if neg == 1 else pos * gmpy2.invert(neg, n2) % n2
+
+
+def multi_exp_packed(pub: PublicKey, bases: Sequence[Any], slot_rows: Sequence[Sequence[int]], slot_bits: int,
+                     executor: Executor | None = None) -> Any:
+    """[[sum_i x_i * pack(slot_rows[i])]] = prod_i [[x_i]]^{pack(slot_rows[i])}: for scalar
+    ciphertexts [[x_i]], one packed ciphertext whose slot j holds sum_i x_i slot_rows[i][j]
+    (the exponents are packed instead of the bases).
+
+    Each row's positive and negative slots go into two exponents (the negative ones through
+    the inverse): a signed packed exponent would borrow across slots and fill the gaps between
+    them with 1-bits, and Pippenger's cost follows the non-zero digits."""
+    if len(bases) != len(slot_rows):
+        raise ValidationError("multi_exp_packed: bases and exponent rows differ in length")
+    pos = [pack([max(int(v), 0) for v in row], slot_bits) for row in slot_rows]
+    neg = [pack([max(-int(v), 0) for v in row], slot_bits) for row in slot_rows]
+    return multi_exp(pub, [*bases, *bases], [*pos, *(-e for e in neg)], executor)
 
 
 def decrypt(priv: PrivateKey, ciphertexts: Iterable[Any]) -> list[int]:

@@ -45,7 +45,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,6 +61,10 @@ Outgoing = tuple[str, m._Msg]
 FEATURE_FRAC_BITS = 16  # fixed-point fraction of features
 EXP_FRAC_BITS = 20  # fixed-point fraction of partial predictions / residuals
 EXP_INT_BITS = 12  # |partials| < 4096: beyond that the model has diverged
+IRLS_FRAC_BITS = 24  # fixed-point fraction of the IRLS weights s_i and of x_i * s_i
+C_FRAC_BITS = 28  # IRLS: the guest's exponents c_i, so that x (2^-16) * c lands at 2^-44 too
+IRLS_REMOTE_FRAC = IRLS_FRAC_BITS + EXP_FRAC_BITS  # every remote IRLS aggregate is at 2^-44
+assert IRLS_REMOTE_FRAC == FEATURE_FRAC_BITS + C_FRAC_BITS
 SCORE_FRAC_BITS = 24
 LOSS_FRAC_BITS = 32
 LOSS_MOD = 1 << 128
@@ -80,7 +84,11 @@ class TrainConfig(BaseModel):
     allow_short_keys: bool = Field(default=False, description="tests of protocol logic only: permit < 2048")
     batch_size: int = Field(default=4096, ge=0, description="rows per mini-batch (0: full batch)")
     max_epochs: int = Field(default=30, ge=1, le=1000)
-    learning_rate: float = Field(default=0.3, gt=0)
+    loss: Literal["irls", "taylor"] = Field(
+        default="irls",
+        description="irls: the logistic loss expanded to second order at the guest's own exact-LR logits "
+                    "(one host); taylor: FATE's first-order expansion at 0 (any number of hosts)")
+    learning_rate: float | None = Field(default=None, gt=0, description="None: 1.0 for irls, 0.3 for taylor")
     lr_decay: float = Field(default=0.05, ge=0, description="lr_e = lr / (1 + decay * e)")
     l2: float = Field(default=0.0, ge=0, description="L2 penalty (not on the intercept)")
     tol: float = Field(default=1e-4, ge=0, description="stop when |loss_e - loss_{e-1}| < tol")
@@ -94,8 +102,22 @@ class TrainConfig(BaseModel):
         if self.key_bits < 2048 and not self.allow_short_keys:
             raise ValidationError(f"key_bits={self.key_bits} is below 2048; only tests may set allow_short_keys")
 
+    @property
+    def base_lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        # The IRLS surrogate's curvature is s_i = sigma'(a_i) <= 0.25 per row, the Taylor one 0.25
+        # everywhere, so the same step size would crawl; 1.0 converges on default_credit in ~10 epochs.
+        return 1.0 if self.loss == "irls" else 0.3
+
     def lr(self, epoch: int) -> float:
-        return self.learning_rate / (1.0 + self.lr_decay * epoch)
+        return self.base_lr / (1.0 + self.lr_decay * epoch)
+
+    def check_hosts(self, hosts: int) -> None:
+        if self.loss == "irls" and hosts > 1:
+            raise ValidationError(
+                f'loss="irls" supports one host, this job has {hosts}: its host-host terms need encrypted '
+                f'products of two parties\' values; use loss="taylor" with several hosts', field="loss")
 
 
 # -------------------------------------------------------------------------------- row helpers
@@ -181,17 +203,59 @@ def check_leakage_guards(rows: int, batches: list[np.ndarray], total_features: i
         )
 
 
-def _slot_bits(X: np.ndarray, batch_rows: int) -> int:
+def _slot_bits(X: np.ndarray, batch_rows: int, loss: str = "taylor", role: str = "guest") -> int:
+    """Width of one packed slot: the largest batch aggregate the party will decrypt, signed."""
     xmax = float(np.abs(X).max()) if X.size else 0.0
-    x_bits = FEATURE_FRAC_BITS + max(1, math.ceil(math.log2(xmax + 1.0))) + 1
-    return x_bits + EXP_FRAC_BITS + EXP_INT_BITS + max(1, math.ceil(math.log2(batch_rows + 1))) + 2
+    xint = max(1, math.ceil(math.log2(xmax + 1.0))) + 1
+    sum_bits = max(1, math.ceil(math.log2(batch_rows + 1))) + 2
+    if loss == "taylor":
+        return FEATURE_FRAC_BITS + xint + EXP_FRAC_BITS + EXP_INT_BITS + sum_bits
+    # irls, at 2^-44: guest slots sum s x u (s <= 1/4); host slots sum x c + s x u (|c|, |u| <
+    # 2^12) and one more slot sums s u^2 (the host's loss term).
+    per_row = xint + EXP_INT_BITS + 1 if role == "guest" else max(xint + EXP_INT_BITS + 1, 2 * EXP_INT_BITS)
+    return IRLS_REMOTE_FRAC + per_row + sum_bits
 
 
-def _encode_exponents(v: np.ndarray) -> list[int]:
+def _encode_exponents(v: np.ndarray, frac_bits: int = EXP_FRAC_BITS) -> list[int]:
     bound = 2.0 ** EXP_INT_BITS
     if not np.isfinite(v).all() or np.abs(v).max(initial=0.0) >= bound:
         raise ProtocolError("partial predictions left the fixed-point range: the model diverged; lower the learning rate")
-    return [int(x) for x in np.rint(v * float(1 << EXP_FRAC_BITS)).astype(np.int64)]
+    return [int(x) for x in np.rint(v * float(1 << frac_bits)).astype(np.int64)]
+
+
+def fit_exact_lr(Xa: np.ndarray, y: np.ndarray, l2: float = 0.0, max_iter: int = 100) -> dict[str, Any]:
+    """Regularised logistic regression by Newton's method (IRLS) on `Xa`, whose last column is
+    the intercept: mean log-loss + (l2 + 1/N)/2 |w|^2 without the intercept (scikit-learn's
+    default penalty C=1 is 1/N in this scale; it keeps separable data finite).
+
+    Returns {"w", "logits", "iterations", "loss"}; the guest's IRLS anchor and guest-only model."""
+    n, k = Xa.shape
+    pen = np.full(k, l2 + 1.0 / n)
+    pen[-1] = 0.0
+
+    def objective(w: np.ndarray) -> float:
+        z = Xa @ w
+        return float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * np.dot(pen * w, w))
+
+    w = np.zeros(k)
+    f = objective(w)
+    it = 0
+    for it in range(1, max_iter + 1):
+        z = Xa @ w
+        p = 1.0 / (1.0 + np.exp(-z))
+        grad = Xa.T @ (p - y) / n + pen * w
+        hess = (Xa.T * (p * (1.0 - p))) @ Xa / n + np.diag(pen) + 1e-12 * np.eye(k)
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-8:  # damped Newton: never increase the objective
+            f_new = objective(w - t * step)
+            if f_new <= f + 1e-15:
+                break
+            t *= 0.5
+        w, f_old, f = w - t * step, f, f_new
+        if np.abs(t * step).max() < 1e-10 or f_old - f < 1e-15:
+            break
+    return {"w": w, "logits": Xa @ w, "iterations": it, "loss": f}
 
 
 def _mask_stream(seed: str, label: str, count: int) -> np.ndarray:
@@ -229,6 +293,7 @@ class _Batch:
     w_start: np.ndarray
     plain: np.ndarray  # this party's plaintext part of X^T d (unscaled sums)
     received: dict[str, list[Any]] = field(default_factory=dict)
+    own: list[Any] = field(default_factory=list)  # irls host: [[X^T S u]] and [[sum s u^2]], own ciphertexts
     masks: list[int] = field(default_factory=list)
     requested: bool = False
 
@@ -255,7 +320,8 @@ class _Party:
         self.batches = make_batches(self.n, config.batch_size, config.seed)
         self.executor = executor or InProcessExecutor()
         self.w = np.zeros(self.X.shape[1])
-        self.slot_bits = _slot_bits(self.X, max(len(b) for b in self.batches))
+        self.slot_bits = _slot_bits(self.X, max(len(b) for b in self.batches), config.loss, self.role)
+        self.irls = config.loss == "irls"
         self.pub: pl.PublicKey | None = None
         self.pool: pl.ObfuscatorPool | None = None
         self.peer: dict[str, _PeerRows] = {p: _PeerRows() for p in self.peers}
@@ -277,8 +343,28 @@ class _Party:
 
     @property
     def cpr(self) -> int:
+        """Ciphertexts per encrypted feature row (and per aggregate a peer sends us)."""
         assert self.pub is not None
         return -(-self.X.shape[1] // pl.slots_per_cipher(self.pub, self.slot_bits))
+
+    @property
+    def out_slots(self) -> int:
+        """Slots this party decrypts per batch: one per feature (+1 for an irls host's loss term)."""
+        return self.X.shape[1]
+
+    @property
+    def groups(self) -> int:
+        """Ciphertexts per decrypt request."""
+        assert self.pub is not None
+        return -(-self.out_slots // pl.slots_per_cipher(self.pub, self.slot_bits))
+
+    @property
+    def remote_frac(self) -> int:
+        return IRLS_REMOTE_FRAC if self.irls else FEATURE_FRAC_BITS + EXP_FRAC_BITS
+
+    def _row_values(self) -> tuple[np.ndarray, int]:
+        """What this party encrypts per row for the others, and its fixed-point fraction."""
+        return self.X, FEATURE_FRAC_BITS
 
     def _check(self, msg: m._Msg, senders: Sequence[str]) -> None:
         if msg.job_id != self.job_id:
@@ -291,28 +377,31 @@ class _Party:
                        features=int(self.X.shape[1]), slot_bits=self.slot_bits, ciphers_per_row=self.cpr,
                        config_digest=self.config.digest(), mask_seed=mask_seed)
 
-    def _encrypt_own_rows(self) -> list[Any]:
+    def _encrypt_own_rows(self, extra: Sequence[int] = ()) -> list[Any]:
+        """The packed rows of `_row_values()`, then the `extra` plaintexts, all encrypted."""
         assert self.pub is not None
         per = pl.slots_per_cipher(self.pub, self.slot_bits)
-        Xi = np.rint(self.X * float(1 << FEATURE_FRAC_BITS)).astype(np.int64)
+        values, frac = self._row_values()
+        Xi = np.rint(values * float(1 << frac)).astype(np.int64)
         plains = []
         for row in Xi.tolist():
             for k in range(0, len(row), per):
                 plains.append(pl.pack(row[k : k + per], self.slot_bits))
+        plains += [int(v) for v in extra]
         assert self.pool is not None
         if len(self.pool) >= len(plains):  # obfuscators computed ahead: encryption is two multiplications
             return pl.encrypt(self.pub, plains, self.pool)
         return pl.encrypt_parallel(self.pub, plains, self.executor)
 
-    def _feature_messages(self, ciphers: list[Any]) -> list[m.FeatureCiphers]:
+    def _feature_messages(self, ciphers: list[Any], cls: type = m.FeatureCiphers, per_row: int = 0) -> list[Any]:
         assert self.pub is not None
         w = self.pub.cipher_bytes
-        cpr = self.cpr
+        cpr = per_row or self.cpr
         out = []
         for off in range(0, max(self.n, 1), m.MAX_CHUNK_ROWS):
             rows = min(m.MAX_CHUNK_ROWS, self.n - off)
             data = pl.to_bytes(ciphers[off * cpr : (off + rows) * cpr], w)
-            out.append(self._m(m.FeatureCiphers, offset=off, rows=rows, final=off + rows >= self.n, data=data))
+            out.append(self._m(cls, offset=off, rows=rows, final=off + rows >= self.n, data=data))
         return out
 
     def _on_key(self, msg: m.ArbiterKey) -> None:
@@ -434,11 +523,13 @@ class _Party:
         assert cur is not None and self.pub is not None
         if cur.requested or set(cur.received) != set(self._grad_senders()):
             return []
+        cur.own = self._own_part(cur)
         combined = []
-        for k in range(self.cpr):
+        for k in range(self.groups):
             c = 1
-            for cs in cur.received.values():
-                c = pl.add(self.pub, c, cs[k])
+            for cs in [*cur.received.values(), cur.own]:
+                if k < len(cs):
+                    c = pl.add(self.pub, c, cs[k])
             r = pl.random_mask(self.pub)
             cur.masks.append(r)
             combined.append(pl.add_plain(self.pub, c, r))
@@ -453,14 +544,14 @@ class _Party:
             raise ProtocolError(f"unexpected decrypt reply for epoch {msg.epoch} batch {msg.batch}")
         assert self.pub is not None
         vals = pl.from_bytes(msg.data, self.pub.plain_bytes, bound=self.pub.n)
-        if len(vals) != self.cpr:
+        if len(vals) != self.groups:
             raise ProtocolError("decrypt reply has the wrong number of values")
         per = pl.slots_per_cipher(self.pub, self.slot_bits)
-        f = self.X.shape[1]
+        f = self.out_slots
         slots: list[int] = []
         for k, (v, r) in enumerate(zip(vals, cur.masks)):
             slots += pl.unpack(pl.signed(self.pub, int(v) - r), min(per, f - k * per), self.slot_bits)
-        remote = np.array(slots, dtype=np.float64) / float(1 << (FEATURE_FRAC_BITS + EXP_FRAC_BITS))
+        remote = np.array(slots, dtype=np.float64) / float(1 << self.remote_frac)
         self._after_remote(cur, remote)
         return self._next()
 
@@ -565,6 +656,10 @@ class _Party:
         pass
 
     # -- to be provided by guest / host
+    def _own_part(self, cur: _Batch) -> list[Any]:
+        """Ciphertexts this party adds itself to what it received before the masked decryption."""
+        return []
+
     def _grad_senders(self) -> list[str]:
         raise NotImplementedError
 
@@ -599,10 +694,25 @@ class GuestRole(_Party):
             raise ValidationError(f"{len(self.y)} labels for {len(Xg)} rows")
         if not hosts:
             raise ValidationError("vertical training needs at least one host; use train_guest_only() otherwise")
+        config.check_hosts(len(hosts))
         super().__init__(name, job_id, config, np.hstack([Xg, np.ones((len(Xg), 1))]), join_keys=join_keys,
                          peers=hosts, arbiter=arbiter, executor=executor, obfuscators=obfuscators)
         self.hosts = list(hosts)
         self._pending_hellos: list[m.PartyHello] = []
+        if self.irls:
+            # The anchor: exact LR on the guest's own rows. Training starts there (w_g = w0,
+            # w_h = 0); its logits a_i give p_i = sigma(a_i) and the weights s_i = sigma'(a_i).
+            fit = fit_exact_lr(self.X, self.y, config.l2)
+            self.anchor = np.asarray(fit["logits"])
+            self.p = 1.0 / (1.0 + np.exp(-self.anchor))
+            self.s = self.p * (1.0 - self.p)
+            self.anchor_loss = np.logaddexp(0.0, self.anchor) - self.y * self.anchor
+            self.w = np.asarray(fit["w"], dtype=np.float64).copy()
+
+    def _row_values(self) -> tuple[np.ndarray, int]:
+        if self.irls:
+            return self.X * self.s[:, None], IRLS_FRAC_BITS  # the hosts only ever need X_g^T S u_h
+        return self.X, FEATURE_FRAC_BITS
 
     def start(self) -> list[Outgoing]:
         return []
@@ -617,8 +727,12 @@ class GuestRole(_Party):
         if isinstance(msg, m.ArbiterKey):
             self._on_key(msg)
             hello = self._hello()
-            ciphers = self._encrypt_own_rows()
-            chunks = self._feature_messages(ciphers)
+            extra = _encode_exponents(self.s, IRLS_FRAC_BITS) if self.irls else []
+            ciphers = self._encrypt_own_rows(extra)
+            rows = self.n * self.cpr
+            chunks = self._feature_messages(ciphers[:rows])
+            if self.irls:
+                chunks += self._feature_messages(ciphers[rows:], m.WeightCiphers, per_row=1)
             for h in self.hosts:
                 out.append((h, hello))
                 out += [(h, c) for c in chunks]
@@ -659,11 +773,19 @@ class GuestRole(_Party):
         idx = self.batches[b]
         Xb, yb = self.X[idx], self.y[idx]
         ug = Xb @ self.w
-        dg = 0.25 * ug + 0.5 - yb
-        self.loss_part += float(np.sum(LOG2 + (0.5 - yb) * ug + 0.125 * ug * ug))
+        if self.irls:
+            # d_i = c_i + s_i u_h,i with c_i = p_i - y_i + s_i (u_g,i - a_i); the surrogate loss
+            # l(a) + (p - y)(u - a) + s/2 (u - a)^2, guest's part: everything without u_h.
+            p, s, r = self.p[idx], self.s[idx], ug - self.anchor[idx]
+            dg = p - yb + s * r
+            self.loss_part += float(np.sum(self.anchor_loss[idx] + (p - yb) * r + 0.5 * s * r * r))
+            exps = _encode_exponents(dg, C_FRAC_BITS)
+        else:
+            dg = 0.25 * ug + 0.5 - yb
+            self.loss_part += float(np.sum(LOG2 + (0.5 - yb) * ug + 0.125 * ug * ug))
+            exps = _encode_exponents(dg)
         cur = _Batch(self.epoch, b, idx, self.w.copy(), Xb.T @ dg)
         self.cur = cur
-        exps = _encode_exponents(dg)
         return [(h, self._m(m.HostGradPart, epoch=self.epoch, batch=b, data=self._weighted_sum(h, idx, exps)))
                 for h in self.hosts]
 
@@ -693,12 +815,19 @@ class HostRole(_Party):
                  guest: str, hosts: Sequence[str], arbiter: str, executor: Executor | None = None,
                  mask_seed: str | None = None, obfuscators: pl.ObfuscatorPool | None = None) -> None:
         others = [h for h in hosts if h != name]
+        config.check_hosts(len(others) + 1)
         super().__init__(name, job_id, config, X, join_keys=join_keys, peers=[guest, *others], arbiter=arbiter,
                          executor=executor, obfuscators=obfuscators)
         self.guest = guest
         self.other_hosts = others
         self.mask_seed = mask_seed or secrets.token_hex(32)
         self._pending: list[m._Msg] = []
+        self.weights: list[Any] = []  # irls: the guest's [[s_i]], one per training row
+        self.weights_complete = not self.irls
+
+    @property
+    def out_slots(self) -> int:
+        return self.X.shape[1] + (1 if self.irls else 0)
 
     def start(self) -> list[Outgoing]:
         return []
@@ -717,10 +846,12 @@ class HostRole(_Party):
             pending, self._pending = self._pending, []
             for early in pending:
                 out += self.handle(early)
-        elif isinstance(msg, (m.PartyHello, m.FeatureCiphers)) and self.pub is None:
+        elif isinstance(msg, (m.PartyHello, m.FeatureCiphers, m.WeightCiphers)) and self.pub is None:
             self._check(msg, self.peers)
             self._pending.append(msg)
             return []
+        elif isinstance(msg, m.WeightCiphers):
+            self._on_weights(msg)
         elif isinstance(msg, m.PartyHello):
             if msg.mask_seed:
                 raise ProtocolError("only a host sends a mask seed, and only to the guest")
@@ -742,6 +873,25 @@ class HostRole(_Party):
             out += self._replay_early(self._begin_training())
         return out
 
+    def _on_weights(self, msg: m.WeightCiphers) -> None:
+        self._check(msg, [self.guest])
+        if not self.irls or self.weights_complete or not self.peer[self.guest].hello:
+            raise ProtocolError(f"weight ciphertexts from {msg.sender} out of order (loss={self.config.loss})")
+        if msg.offset != len(self.weights):
+            raise ProtocolError(f"weight chunk at row {msg.offset} from {msg.sender} is out of order")
+        assert self.pub is not None
+        cs = pl.from_bytes(msg.data, self.pub.cipher_bytes, bound=self.pub.nsquare)
+        if len(cs) != msg.rows:
+            raise ProtocolError(f"weight chunk from {msg.sender} has {len(cs)} ciphertexts for {msg.rows} rows")
+        self.weights.extend(cs)
+        if msg.final:
+            if len(self.weights) != self.n:
+                raise ProtocolError(f"{msg.sender} sent weights for {len(self.weights)} of {self.n} rows")
+            self.weights_complete = True
+
+    def _ready(self) -> bool:
+        return super()._ready() and self.weights_complete
+
     def _grad_senders(self) -> list[str]:
         return self.peers
 
@@ -750,17 +900,46 @@ class HostRole(_Party):
         idx = self.batches[b]
         Xb = self.X[idx]
         uh = Xb @ self.w
-        self.loss_part += float(0.125 * np.dot(uh, uh))
-        cur = _Batch(self.epoch, b, idx, self.w.copy(), Xb.T @ (0.25 * uh))
+        if self.irls:
+            # Everything of X_h^T d = X_h^T c + X_h^T S u_h is remote: the guest sends [[X_h^T c]],
+            # this host adds [[X_h^T S u_h]] from the guest's [[s_i]] (`_own_part`).
+            cur = _Batch(self.epoch, b, idx, self.w.copy(), np.zeros(self.X.shape[1]))
+            exps = _encode_exponents(uh)
+        else:
+            self.loss_part += float(0.125 * np.dot(uh, uh))
+            cur = _Batch(self.epoch, b, idx, self.w.copy(), Xb.T @ (0.25 * uh))
+            exps = _encode_exponents(0.25 * uh)
         self.cur = cur
-        exps = _encode_exponents(0.25 * uh)
         out: list[Outgoing] = [(self.guest, self._m(m.GuestGradPart, epoch=self.epoch, batch=b,
                                                     data=self._weighted_sum(self.guest, idx, exps)))]
         for h in self.other_hosts:
             out.append((h, self._m(m.HostGradPart, epoch=self.epoch, batch=b, data=self._weighted_sum(h, idx, exps))))
         return out
 
+    def _own_part(self, cur: _Batch) -> list[Any]:
+        """irls: [[X_h^T S u_h]] packed like the features, then [[sum_i s_i u_h,i^2]] in the next
+        slot, as prod_i [[s_i]]^{pack(u_i x_i, u_i^2)} (packed exponents, one pass)."""
+        if not self.irls:
+            return []
+        assert self.pub is not None
+        Xb = self.X[cur.idx]
+        uh = Xb @ cur.w_start
+        _encode_exponents(uh)  # the range check
+        scale = float(1 << EXP_FRAC_BITS)
+        vals = np.rint(np.hstack([uh[:, None] * Xb, (uh * uh)[:, None]]) * scale).astype(np.int64).tolist()
+        bases = [self.weights[int(i)] for i in cur.idx]
+        per = pl.slots_per_cipher(self.pub, self.slot_bits)
+        return [pl.multi_exp_packed(self.pub, bases, [row[k : k + per] for row in vals], self.slot_bits, self.executor)
+                for k in range(0, self.out_slots, per)]
+
     def _after_remote(self, cur: _Batch, remote: np.ndarray) -> None:
+        if self.irls:
+            # remote = [X_h^T (c + S u_h), sum s u_h^2]. With u_h = X_h w, w.X_h^T (c + S u_h)
+            # = sum c u_h + sum s u_h^2; this host's surrogate share is sum c u_h + sum s u_h^2 / 2.
+            grad, q = remote[:-1], float(remote[-1])
+            self.loss_part += float(np.dot(cur.w_start, grad)) - 0.5 * q
+            self._apply(cur, grad)
+            return
         # remote = X_h^T (dg + 0.25 sum_{l!=k} uh_l); w_start . remote is this host's loss cross term.
         self.loss_part += float(np.dot(cur.w_start, remote))
         self._apply(cur, cur.plain + remote)
@@ -769,10 +948,20 @@ class HostRole(_Party):
         return int(round(self.loss_part * float(1 << LOSS_FRAC_BITS))) - _loss_mask(self.mask_seed, self.epoch)
 
     def _snapshot_extra(self) -> dict[str, Any]:
-        return {"mask_seed": self.mask_seed}
+        extra: dict[str, Any] = {"mask_seed": self.mask_seed}
+        if self.irls:
+            assert self.pub is not None
+            extra["weights"] = pl.to_bytes(self.weights, self.pub.cipher_bytes).hex()
+        return extra
 
     def _restore_extra(self, snap: dict[str, Any]) -> None:
         self.mask_seed = snap["mask_seed"]
+        if self.irls:
+            assert self.pub is not None
+            self.weights = pl.from_bytes(bytes.fromhex(snap["weights"]), self.pub.cipher_bytes, bound=self.pub.nsquare)
+            if len(self.weights) != self.n:
+                raise ValidationError("snapshot holds the wrong number of weight ciphertexts")
+            self.weights_complete = True
 
     def model(self) -> dict[str, Any]:
         return {"weights": self.w.tolist()}
@@ -792,6 +981,7 @@ class ArbiterRole:
     def __init__(self, name: str, job_id: str, config: TrainConfig, *, guest: str, hosts: Sequence[str],
                  rows: int, keypair: tuple[pl.PublicKey, pl.PrivateKey] | None = None) -> None:
         config.check_keys()
+        config.check_hosts(len(hosts))
         self.name, self.job_id, self.config = name, job_id, config
         self.guest, self.hosts = guest, list(hosts)
         self.parties = [guest, *self.hosts]
@@ -941,13 +1131,20 @@ def combine_score_shares(shares: Sequence[m.ScoreShare]) -> np.ndarray:
 
 
 def train_guest_only(X: Any, y: Any, config: TrainConfig) -> dict[str, Any]:
-    """The guest's features alone, trained the same way (Taylor loss, same batches, schedule,
-    L2 and early stopping) in plaintext: the baseline that shows the partner's value."""
+    """The guest's features alone, trained the same way in plaintext: the baseline that shows
+    the partner's value. Taylor: same batches, schedule, L2 and early stopping. IRLS: the
+    surrogate expanded at the guest's own exact LR is minimised by that LR itself (the anchor
+    the federated training starts from), so the guest-only model *is* the anchor."""
     Xg = check_features(X, "guest")
     yy = check_labels(y)
     Xa = np.hstack([Xg, np.ones((len(Xg), 1))])
     batches = make_batches(len(Xa), config.batch_size, config.seed)
     check_leakage_guards(len(Xa), batches, Xa.shape[1], config.k_min)
+    if config.loss == "irls":
+        fit = fit_exact_lr(Xa, yy, config.l2)
+        wa = np.asarray(fit["w"])
+        return {"weights": wa[:-1].tolist(), "intercept": float(wa[-1]), "losses": [fit["loss"]],
+                "epochs": int(fit["iterations"])}
     w = np.zeros(Xa.shape[1])
     l2mask = np.ones_like(w)
     l2mask[-1] = 0.0

@@ -59,6 +59,22 @@ def test_packed_multi_exponentiation_equals_weighted_sums(keys: tuple[pl.PublicK
     assert got == [sum(r[j] * e for r, e in zip(rows, exps)) for j in range(5)]
 
 
+def test_packed_exponents_give_weighted_sums_of_scalar_ciphertexts(keys: tuple[pl.PublicKey, pl.PrivateKey]) -> None:
+    """prod_i [[x_i]]^{pack(row_i)}: slot j is sum_i x_i row_i[j], signs mixed in every row."""
+    pub, priv = keys
+    rnd = random.Random(11)
+    xs = [rnd.randint(0, 2**24) for _ in range(700)]
+    rows = [[rnd.randint(-(2**40), 2**40) for _ in range(6)] for _ in range(700)]
+    slot = 100
+    cs = pl.encrypt_parallel(pub, xs, InProcessExecutor(), batch=128)
+    for ex in (InProcessExecutor(), None):
+        c = pl.multi_exp_packed(pub, cs, rows, slot, ex)
+        got = pl.unpack(pl.signed(pub, pl.decrypt(priv, [c])[0]), 6, slot)
+        assert got == [sum(x * r[j] for x, r in zip(xs, rows)) for j in range(6)]
+    with pytest.raises(ValidationError):
+        pl.multi_exp_packed(pub, cs[:3], rows[:2], slot)
+
+
 def test_unpack_detects_overflow_and_fixed_point_rejects_nan() -> None:
     assert pl.unpack(pl.pack([-1, 2, -3], 16), 3, 16) == [-1, 2, -3]
     with pytest.raises(ProtocolError):
@@ -102,6 +118,7 @@ def _one_of_each() -> list[m._Msg]:
         m.EpochDone(**base, epoch=3, loss=0.5, stop=True, reason="converged"),
         m.ScoreShare(**base, request_id="r", rows=2, data=b"\x06" * 16),
         m.Scores(**base, request_id="r", rows=2, data=b"\x07" * 16),
+        m.WeightCiphers(**base, offset=0, rows=2, final=True, data=b"\x08" * 512),
     ]
 
 

@@ -46,7 +46,8 @@ def keypair() -> tuple[pl.PublicKey, pl.PrivateKey]:
 
 
 def _cfg(**kw: Any) -> R.TrainConfig:
-    base = dict(key_bits=1024, allow_short_keys=True, batch_size=128, max_epochs=3, learning_rate=0.3, tol=0.0)
+    base = dict(key_bits=1024, allow_short_keys=True, batch_size=128, max_epochs=3, learning_rate=0.3, tol=0.0,
+                loss="taylor")
     base.update(kw)
     return R.TrainConfig(**base)
 
