@@ -6,7 +6,12 @@
                          behaviour features and the ``high_value`` seed label (> 1,000 CNY spent in
                          the last 3 months);
 - ``brand_leads``        an auto lead table (test drives, dealer visits, lead grade ...) with the
-                         ``converted`` outcome;
+                         ``converted`` outcome (historical leads, 91-450 days old);
+- ``brand_new_leads``    fresh leads (the last two weeks) to score, without an outcome; what became
+                         of them is in ``brand_new_leads_outcomes`` (lead_id, converted), a file no
+                         party holds at scoring time — it lets a demo check the scores afterwards;
+- ``brand_preferences``  subjects who turned on "no personalised marketing" (PIPL Art. 24):
+                         subject, no_personalised_marketing, channel, changed_at;
 - ``partner_population`` the partner's people (default 3x the members): app-interest tags, income,
                          purchase intent, car insurance, car-app usage, keyed by ``partner_id``;
 - ``brand_consent`` / ``partner_consent``  one row per consent event, in the columns
@@ -31,7 +36,16 @@ person has the same normalised phone everywhere. The latent traits plant the gro
              car-app usage, auto-interest tags).
 
 Lead conversion is ``sigmoid(-2.3 + u_b + 1.1 u_p + 0.35 z_val)``, so the partner's features
-carry signal the brand cannot get on its own (``ground_truth.json`` reports how much).
+carry signal the brand cannot get on its own (``ground_truth.json`` reports how much, with all
+features and with only the flags / small counts / 0-1 scores a model without standardisation can
+use: ``LEAD_MODEL_FEATURES``, ``PARTNER_MODEL_FEATURES``). The signal sits in categorical columns
+(lead grade, source, insurance status, income level) and in numeric ones (test drives, dealer
+visits, auto-interest score, app activity, insurance due within 90 days).
+
+Consent: members, leads and the partner's users each follow a policy of ask / grant / withdraw
+rates per purpose; leads are asked on the lead form and grant the lead purposes more often; one
+person's decisions are correlated (a latent privacy attitude); the partner's grants for the
+brand's lead scoring name the brand as recipient.
 
 Everything is vectorised numpy / Arrow compute; there are no per-row Python loops, so a million
 members take seconds. Consent logs (about 7 events per subject) are rendered and written in
@@ -40,6 +54,7 @@ chunks of a million rows to bound memory.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -614,8 +629,13 @@ def lead_conversion_logit(people: People, idx: np.ndarray) -> np.ndarray:
     return -2.3 + 1.0 * people.u_b[idx] + 1.1 * people.u_p[idx] + 0.35 * people.z_val[idx]
 
 
-def brand_leads(people: People, idx: np.ndarray, member_ids: pa.Array, seed: int) -> Table:
-    """Auto leads for persons `idx`; `member_ids` holds the member_id (or null) per lead."""
+def brand_leads(people: People, idx: np.ndarray, member_ids: pa.Array, seed: int,
+                new: Optional[np.ndarray] = None) -> Table:
+    """Auto leads for persons `idx`; `member_ids` holds the member_id (or null) per lead.
+
+    Rows where `new` is True are fresh leads (created in the last two weeks, outcome not yet
+    known); the others are historical leads created 91-450 days ago, whose 90-day outcome
+    `converted` is known. The caller splits the two (`generate` writes `brand_new_leads`)."""
     rng = _rng(seed, _S_LEADS)
     n = idx.shape[0]
     u_b, z_val, z_eng = people.u_b[idx], people.z_val[idx], people.z_eng[idx]
@@ -627,8 +647,10 @@ def brand_leads(people: People, idx: np.ndarray, member_ids: pa.Array, seed: int
     unionid_ok = openid_ok & (rng.random(n) < 0.75)
 
     source = _SOURCES[_gumbel_pick(rng, _SOURCE_BASE[None, :] + _SOURCE_INTENT[None, :] * u_b[:, None])]
-    created = AS_OF_DAY - rng.integers(1, 181, n).astype("timedelta64[D]")
-    days_since_contact = (AS_OF_DAY - created).astype(np.int64) + rng.poisson(np.exp(2.0 - 0.3 * u_b))
+    is_new = np.zeros(n, dtype=bool) if new is None else np.asarray(new, dtype=bool)
+    created = AS_OF_DAY - np.where(is_new, rng.integers(1, 15, n), rng.integers(91, 451, n)).astype("timedelta64[D]")
+    # Speed to lead: how many days until the lead first answered; keen buyers answer at once.
+    days_to_contact = rng.poisson(np.exp(1.0 - 0.45 * u_b))
     m_logits = np.stack([
         -0.3 * z_val, 0.5 * z_val, 0.3 - 0.2 * z_val, 0.2 + 0.4 * z_val, -0.8 + 0.01 * (age - 35),
         -0.2 - 0.02 * (age - 35), 0.1 - 0.02 * (age - 35) + 0.2 * z_val], axis=1)
@@ -666,7 +688,7 @@ def brand_leads(people: People, idx: np.ndarray, member_ids: pa.Array, seed: int
         "model_interest": model_interest,
         "budget_band": budget,
         "lead_grade": grade,
-        "days_since_first_contact": days_since_contact,
+        "days_to_first_contact": days_to_contact,
         "test_drive_booked": test_drive,
         "dealer_visits": dealer_visits,
         "calls_answered": calls_answered.astype(np.int64),
@@ -688,7 +710,7 @@ LEAD_SCHEMA = {
         ("member_id", "string"), ("gender", "category"), ("age", "int"), ("city", "category"),
         ("city_tier", "category"), ("created_date", "date"), ("source_channel", "category"),
         ("model_interest", "category"), ("budget_band", "category"), ("lead_grade", "category"),
-        ("days_since_first_contact", "int"), ("test_drive_booked", "bool"), ("dealer_visits", "int"),
+        ("days_to_first_contact", "int"), ("test_drive_booked", "bool"), ("dealer_visits", "int"),
         ("calls_answered", "int"), ("wechat_interactions", "int"), ("configurator_sessions", "int"),
         ("brochure_downloaded", "bool"), ("price_quote_requested", "bool"),
         ("financing_inquiry", "bool"), ("trade_in_inquiry", "bool"),
@@ -696,11 +718,24 @@ LEAD_SCHEMA = {
     "labels": [("converted", "binary")],
 }
 # Brand-side lead features the ground-truth model uses (what the brand's own model could use).
-LEAD_NUMERIC = ["age", "days_since_first_contact", "test_drive_booked", "dealer_visits",
+LEAD_NUMERIC = ["age", "days_to_first_contact", "test_drive_booked", "dealer_visits",
                 "calls_answered", "wechat_interactions", "configurator_sessions",
                 "brochure_downloaded", "price_quote_requested", "financing_inquiry",
                 "trade_in_inquiry"]
 LEAD_CATEGORICAL = ["gender", "city_tier", "source_channel", "model_interest", "budget_band", "lead_grade"]
+# The brand's lead signals that are flags or small counts (see PARTNER_MODEL_FEATURES).
+LEAD_MODEL_FEATURES = ["test_drive_booked", "dealer_visits", "calls_answered", "wechat_interactions",
+                       "configurator_sessions", "brochure_downloaded", "price_quote_requested",
+                       "financing_inquiry", "trade_in_inquiry"]
+# Fresh leads to score: the same columns, no outcome yet.
+NEW_LEAD_SCHEMA = {**LEAD_SCHEMA, "labels": []}
+
+
+def _rows(table: Table, rows: np.ndarray, name: str) -> Table:
+    """The rows `rows` of a generated table, as a table of its own."""
+    take = pa.array(rows.astype(np.int64))
+    return Table(name, table.data.take(take), table.person[rows], table.phone_ok[rows], table.email_ok[rows],
+                 table.openid_ok[rows], table.unionid_ok[rows])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -791,6 +826,7 @@ def partner_population(people: People, idx: np.ndarray, brand_unionid_ok: np.nda
         "car_insurance_status": status,
         "insurance_expiry_month": expiry_str,
         "car_app_usage_days_30d": car_app,
+        "insurance_due_90d": soon.astype(np.int8),
     })
     return Table("partner_population", frame, idx, phone_ok, email_ok, openid_ok, unionid_ok)
 
@@ -808,6 +844,7 @@ PARTNER_SCHEMA = {
         ("app_luxury_shopping_active", "bool"), ("app_travel_active", "bool"),
         ("purchase_intent_score", "int"), ("car_owner", "bool"), ("car_insurance_status", "category"),
         ("insurance_expiry_month", "string"), ("car_app_usage_days_30d", "int"),
+        ("insurance_due_90d", "bool"),
     ],
     "labels": [],
 }
@@ -815,8 +852,12 @@ PARTNER_NUMERIC = ["interest_auto", "interest_new_energy", "interest_luxury", "i
                    "interest_finance", "interest_parenting", "interest_beauty", "interest_sports",
                    "interest_gaming", "app_autohome_active", "app_dongchedi_active",
                    "app_luxury_shopping_active", "app_travel_active", "purchase_intent_score",
-                   "car_owner", "car_app_usage_days_30d"]
+                   "car_owner", "car_app_usage_days_30d", "insurance_due_90d"]
 PARTNER_CATEGORICAL = ["income_level", "consumption_level", "car_insurance_status"]
+# Partner signals on a 0-1 scale (tag scores and flags), usable as they are by a model that does
+# not standardise its inputs (the vertical `train` job); the demo trains on these.
+PARTNER_MODEL_FEATURES = ["interest_auto", "interest_new_energy", "interest_luxury", "interest_finance",
+                          "app_autohome_active", "app_dongchedi_active", "car_owner", "insurance_due_90d"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -850,6 +891,27 @@ _PARTNER_POLICY = {
     "marketing.personalized": _PurposePolicy(0.98, 0.72, 0.07, 0.05, 730),
     "sharing.third_party": _PurposePolicy(0.90, 0.48, 0.08, 0.03, 365),
 }
+# Leads are asked on the lead form itself, right when they ask to be contacted about a car, for
+# the purposes that handling a lead needs (matching, scoring, the scoring model); they grant these
+# more often than members asked later in a programme message. Same purposes, same order.
+_LEAD_POLICY = {
+    "audience.overlap": _PurposePolicy(0.98, 0.90, 0.02, 0.05, 730),
+    "audience.match": _PurposePolicy(0.98, 0.88, 0.03, 0.05, 730),
+    "modeling.lead_scoring": _PurposePolicy(0.98, 0.88, 0.03, 0.05, 730),
+    "scoring.lead": _PurposePolicy(0.98, 0.87, 0.04, 0.05, 365),
+    "modeling.lookalike": _PurposePolicy(0.90, 0.66, 0.05, 0.03, 730),
+    "marketing.personalized": _PurposePolicy(0.98, 0.72, 0.06, 0.05, 730),
+    "sharing.third_party": _PurposePolicy(0.90, 0.45, 0.07, 0.03, 365),
+}
+# The partner asks its app users, naming the brand, whether the brand's lead-scoring model may
+# use their signals: those grants name the recipient (a grant naming the brand covers jobs for
+# the brand only; `sharing.*` names it because the law requires it).
+PARTNER_NAMED_PURPOSES = ("modeling.lead_scoring", "scoring.lead")
+# How strongly one person's decisions go together (a latent privacy attitude shared by all
+# purposes): people who refuse one purpose tend to refuse the others.
+_ATTITUDE_WEIGHT = 0.8
+# Share of subjects who turned on "no personalised marketing" (PIPL Art. 24) in their settings.
+_OPT_OUT_RATE = {"members": 0.02, "leads": 0.03}
 # Notice versions and the day each came into force (PIPL took effect on 2021-11-01).
 _NOTICES = (("1.0", "2015-01-01"), ("2.0", "2021-11-01"), ("2.1", "2023-09-01"), ("3.0", "2025-02-20"))
 # Cross-party purposes are first asked when the collaboration programme starts.
@@ -871,8 +933,10 @@ def _notice_version(party: str, version: str) -> str:
 def notices(party: str, other: str, role: str) -> list[dict[str, Any]]:
     """The party's privacy-notice versions that the consent events reference, in the shape
     `consent.importer.read_notices` reads. Versions before 3.0 cover own marketing only; 3.0
-    adds the collaboration purposes and names `other` as the recipient of `sharing.*`."""
+    adds the collaboration purposes and names `other` as the recipient of `sharing.*` (and, in
+    the partner's notice, of PARTNER_NAMED_PURPOSES)."""
     categories = _DATA_CATEGORIES[role]
+    named = set(RECIPIENT_PURPOSES) | (set(PARTNER_NAMED_PURPOSES) if role == "partner" else set())
     out = []
     for version, day in _NOTICES:
         covered = list(OWN_PURPOSES) + (list(COLLAB_PURPOSES) if version >= "3" else [])
@@ -880,7 +944,7 @@ def notices(party: str, other: str, role: str) -> list[dict[str, Any]]:
             "notice": f"{party}-privacy-notice",
             "version": _notice_version(party, version),
             "published_at": f"{day}T00:00:00Z",
-            "purposes": [{"purpose": p, "recipients": [other] if p in RECIPIENT_PURPOSES else [],
+            "purposes": [{"purpose": p, "recipients": [other] if p in named else [],
                           "data_categories": list(categories)} for p in covered],
         })
     return out
@@ -917,29 +981,44 @@ class ConsentPlan:
 
 
 def consent_plan(rng: np.random.Generator, since: np.ndarray, channel: np.ndarray,
-                 policy: dict[str, _PurposePolicy]) -> ConsentPlan:
+                 policy: dict[str, _PurposePolicy] | Sequence[dict[str, _PurposePolicy]],
+                 group: Optional[np.ndarray] = None) -> ConsentPlan:
     """Consent events for subjects known since `since` (datetime64[s]) who signed up through
-    `channel` (indices into CHANNELS).
+    `channel` (indices into CHANNELS). `policy` is one policy, or a list of policies with the
+    same purposes in the same order and `group` giving each subject's policy index.
 
     Subjects are asked per purpose at sign-up (own-use purposes) or once the collaboration
     programme starts (collaboration purposes); people not asked by the as-of date have no
-    event. Some grants are later withdrawn, some refusals later granted, often via another
-    channel (the app's privacy settings, the call centre).
+    event. A person's decisions are correlated (a latent privacy attitude), each purpose keeping
+    its policy's grant rate. Some grants are later withdrawn, some refusals later granted, often
+    via another channel (the app's privacy settings, the call centre).
     """
+    from scipy.special import ndtri
+
     n = since.shape[0]
+    policies = [policy] if isinstance(policy, dict) else list(policy)
+    purposes = list(policies[0])
+    if any(list(p) != purposes for p in policies):
+        raise ValueError("consent policies must list the same purposes in the same order")
+    g = np.zeros(n, dtype=np.intp) if group is None else np.asarray(group, dtype=np.intp)
+    attitude = rng.standard_normal(n)
     horizon = AS_OF - np.timedelta64(3600, "s")
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("row", "purpose", "action", "t", "channel", "valid_days")}
 
-    def add(rows: np.ndarray, p_i: int, action: np.ndarray, t: np.ndarray, chan: np.ndarray, days: int) -> None:
+    def add(rows: np.ndarray, p_i: int, action: np.ndarray, t: np.ndarray, chan: np.ndarray, days: np.ndarray) -> None:
         cols["row"].append(rows.astype(np.int32))
         cols["purpose"].append(np.full(rows.shape[0], p_i, dtype=np.int8))
         cols["action"].append(action.astype(np.int8))
         cols["t"].append(t.astype("datetime64[s]").astype(np.int64))
         cols["channel"].append(chan.astype(np.int8))
-        cols["valid_days"].append(np.full(rows.shape[0], days, dtype=np.int16))
+        cols["valid_days"].append(days.astype(np.int16))
 
-    for p_i, (purpose, pol) in enumerate(policy.items()):
-        asked = np.flatnonzero(rng.random(n) < pol.ask)
+    for p_i, purpose in enumerate(purposes):
+        def rate(attr: str) -> np.ndarray:
+            return np.array([getattr(pol[purpose], attr) for pol in policies], dtype=float)[g]
+
+        ask, grant, withdraw, regrant, days = (rate(a) for a in ("ask", "grant", "withdraw", "regrant", "validity_days"))
+        asked = np.flatnonzero(rng.random(n) < ask)
         k = asked.shape[0]
         start = since[asked]
         if purpose in COLLAB_PURPOSES:
@@ -947,18 +1026,20 @@ def consent_plan(rng: np.random.Generator, since: np.ndarray, channel: np.ndarra
         # Consent is mostly captured at sign-up, within a few hours; later asks spread over weeks.
         delay = np.where(rng.random(k) < 0.8, rng.integers(0, 6 * 3600, k), rng.integers(0, 60 * 86400, k))
         t0 = start + delay.astype("timedelta64[s]")
-        granted = rng.random(k) < pol.grant
+        w = _ATTITUDE_WEIGHT
+        leaning = w * attitude[asked] + np.sqrt(1.0 - w * w) * rng.standard_normal(k)
+        granted = leaning < ndtri(grant[asked])
         due = t0 < horizon
         asked, t0, granted, k = asked[due], t0[due], granted[due], int(due.sum())
-        add(asked, p_i, np.where(granted, 0, 1), t0, channel[asked], pol.validity_days)
+        add(asked, p_i, np.where(granted, 0, 1), t0, channel[asked], days[asked])
         # Second events: withdrawal of a grant, or a later grant after a refusal.
-        second = np.where(granted, rng.random(k) < pol.withdraw, rng.random(k) < pol.regrant)
+        second = np.where(granted, rng.random(k) < withdraw[asked], rng.random(k) < regrant[asked])
         second &= (horizon - t0) > np.timedelta64(60, "s")
         sec = np.flatnonzero(second)
         span = (horizon - t0[sec]).astype(np.int64)
         t1 = t0[sec] + (1 + rng.random(sec.shape[0]) * (span - 1)).astype(np.int64).astype("timedelta64[s]")
         chan = np.where(rng.random(sec.shape[0]) < 0.6, channel[asked[sec]], rng.choice([0, 1, 3, 4], size=sec.shape[0]))
-        add(asked[sec], p_i, np.where(granted[sec], 2, 0), t1, chan, pol.validity_days)
+        add(asked[sec], p_i, np.where(granted[sec], 2, 0), t1, chan, days[asked[sec]])
 
     merged = {k: np.concatenate(v) for k, v in cols.items()}
     order = np.lexsort((merged["purpose"], merged["row"], merged["t"]))
@@ -968,15 +1049,16 @@ def consent_plan(rng: np.random.Generator, since: np.ndarray, channel: np.ndarra
 
 
 def consent_batches(plan: ConsentPlan, party: str, other: str, subjects: pa.Array, identifier: pa.Array,
-                    policy: dict[str, _PurposePolicy], chunk: int = 1_000_000):
+                    policy: dict[str, _PurposePolicy], chunk: int = 1_000_000, named: Sequence[str] = ()):
     """Render `plan` as Arrow record batches of `chunk` rows with the CONSENT_COLUMNS.
 
     `subjects` are the subject ids (row keys), `identifier` their E.164 phones (null if
-    unknown). Event ids number the events in time order: `<party>-ce-0000000001`, ...
+    unknown). Events of `sharing.*` and of the `named` purposes name `other` as the recipient.
+    Event ids number the events in time order: `<party>-ce-0000000001`, ...
     """
     purposes = list(policy)
     notice_days = np.array([np.datetime64(d, "s").astype(np.int64) for _, d in _NOTICES])
-    recipient_of = np.array([p in RECIPIENT_PURPOSES for p in purposes])
+    recipient_of = np.array([p in RECIPIENT_PURPOSES or p in named for p in purposes])
     for lo in range(0, len(plan), chunk):
         hi = min(lo + chunk, len(plan))
         t = plan.t[lo:hi]
@@ -1018,6 +1100,8 @@ CONSENT_SCHEMA = {
 
 def _design(frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> np.ndarray:
     num = frame[numeric].astype(float).to_numpy()
+    if not categorical:
+        return num
     cat = pd.get_dummies(frame[categorical].astype(str), dtype=float).to_numpy()
     return np.hstack([num, cat])
 
@@ -1084,13 +1168,19 @@ def _plain(batch: pa.RecordBatch) -> pa.RecordBatch:
     return pa.record_batch(cols, names=batch.schema.names)
 
 
-def write_batches(batches: Iterable[pa.RecordBatch], path: Path, fmt: str) -> int:
+def write_batches(batches: Iterable[pa.RecordBatch], path: Path, fmt: str,
+                  schema: Optional[pa.Schema] = None) -> int:
     """Stream record batches to CSV (UTF-8, header, nulls as empty fields) or Parquet (zstd);
-    byte-stable for the same batches. Returns the number of rows written."""
+    byte-stable for the same batches. With no batches, a file with just the columns of
+    `schema`. Returns the number of rows written."""
     writer: Any = None
     rows = 0
+    if schema is not None:
+        batches = itertools.chain(batches, [pa.RecordBatch.from_pylist([], schema=schema)])
     try:
         for batch in batches:
+            if batch.num_rows == 0 and (writer is not None or schema is None):
+                continue
             if fmt == "parquet":
                 batch = _plain(batch)
             if writer is None:
@@ -1116,9 +1206,12 @@ def write_table(table: pa.Table, path: Path, fmt: str) -> int:
 
 
 def _validate(out_dir: Any, members: Any, partner_factor: Any, leads: Any, overlap: Any, seed: Any,
-              fmt: Any, brand_name: Any, partner_name: Any) -> None:
+              fmt: Any, brand_name: Any, partner_name: Any, new_leads: Any = None, lead_overlap: Any = None) -> None:
     def is_int(v: Any) -> bool:
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    def is_fraction(v: Any) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and 0.0 <= v <= 1.0
 
     if out_dir is None or str(out_dir).strip() == "":
         raise ValidationError("out_dir: an output directory is required")
@@ -1130,11 +1223,15 @@ def _validate(out_dir: Any, members: Any, partner_factor: Any, leads: Any, overl
         raise ValidationError(f"members: at most 50,000,000 per run, got {members}")
     if leads is not None and (not is_int(leads) or leads <= 0):
         raise ValidationError(f"leads: must be a positive integer, got {leads!r}")
+    if new_leads is not None and (not is_int(new_leads) or new_leads < 0):
+        raise ValidationError(f"new_leads: must be a non-negative integer, got {new_leads!r}")
     if isinstance(partner_factor, bool) or not isinstance(partner_factor, (int, float)) \
             or not np.isfinite(partner_factor) or partner_factor <= 0:
         raise ValidationError(f"partner_factor: must be a positive number, got {partner_factor!r}")
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not (0.0 <= overlap <= 1.0):
+    if not is_fraction(overlap):
         raise ValidationError(f"overlap: must be a fraction in [0, 1], got {overlap!r}")
+    if lead_overlap is not None and not is_fraction(lead_overlap):
+        raise ValidationError(f"lead_overlap: must be a fraction in [0, 1], got {lead_overlap!r}")
     if not is_int(seed) or seed < 0:
         raise ValidationError(f"seed: must be a non-negative integer, got {seed!r}")
     if fmt not in FORMATS:
@@ -1147,13 +1244,25 @@ def _validate(out_dir: Any, members: Any, partner_factor: Any, leads: Any, overl
         raise ValidationError("brand_name and partner_name must differ")
 
 
+def _scoring_auc(leads: pa.Table, partner: pa.Table, rows: np.ndarray, partner_rows: np.ndarray,
+                 y: np.ndarray, seed: int, numeric: tuple[list[str], list[str]],
+                 categorical: tuple[list[str], list[str]]) -> dict[str, float]:
+    bx = _design(leads.take(pa.array(rows)).to_pandas(), numeric[0], categorical[0])
+    px = _design(partner.take(pa.array(partner_rows)).to_pandas(), numeric[1], categorical[1])
+    return achievable_auc(bx, px, y, seed)
+
+
 def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: float = 3.0,
              leads: Optional[int] = None, overlap: float = 0.35, seed: int = 42, fmt: str = "csv",
-             brand_name: str = "brand", partner_name: str = "partner") -> dict[str, Any]:
+             brand_name: str = "brand", partner_name: str = "partner", new_leads: Optional[int] = None,
+             lead_overlap: Optional[float] = None) -> dict[str, Any]:
     """Generate the brand's and the partner's datasets into `out_dir`.
 
-    Same arguments => byte-identical files. `leads` defaults to members // 4. `overlap` is the
-    share of brand members (and of leads) who are also in the partner population.
+    Same arguments => byte-identical files. `leads` (historical leads with a known outcome)
+    defaults to members // 4, `new_leads` (fresh leads to score, outcome unknown) to leads // 10.
+    `overlap` is the share of brand members who are also in the partner population;
+    `lead_overlap` (default `overlap`) the share of leads who are not members that the partner
+    also knows (a lead who is a member is known with the members' rate).
 
     Returns a summary dict: files (path, rows), overlap counts, expected identifier matches and
     the achievable AUCs (also written to ``ground_truth.json``).
@@ -1161,35 +1270,42 @@ def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: floa
     Raises ValidationError for bad options (overlap outside [0, 1], non-positive sizes, a partner
     population too small to hold the overlap, unknown format, bad party names).
     """
-    _validate(out_dir, members, partner_factor, leads, overlap, seed, fmt, brand_name, partner_name)
+    _validate(out_dir, members, partner_factor, leads, overlap, seed, fmt, brand_name, partner_name,
+              new_leads, lead_overlap)
     members = int(members)
     seed = int(seed)
     n_leads = int(leads) if leads is not None else max(1, members // 4)
+    n_new = int(new_leads) if new_leads is not None else n_leads // 10
+    n_all = n_leads + n_new
+    lead_overlap = overlap if lead_overlap is None else lead_overlap
     n_partner = int(round(members * float(partner_factor)))
     if n_partner < 1:
         raise ValidationError(f"partner_factor: {partner_factor} x {members} members gives an empty partner population")
 
     sel = _rng(seed, _S_SELECT)
     # A quarter of leads (at most all members) are existing members; the rest are new people.
-    n_lead_members = min(members, int(round(0.25 * n_leads)))
-    n_lead_new = n_leads - n_lead_members
+    n_lead_members = min(members, int(round(0.25 * n_all)))
+    n_lead_new = n_all - n_lead_members
     n_ov_members = int(round(overlap * members))
-    n_ov_new = int(round(overlap * n_lead_new))
+    n_ov_new = int(round(lead_overlap * n_lead_new))
     if n_ov_members + n_ov_new > n_partner:
+        field = "overlap" if n_ov_members > n_partner or lead_overlap == overlap else "lead_overlap"
         raise ValidationError(
-            f"overlap: {overlap} needs {n_ov_members + n_ov_new} shared people but the partner "
-            f"population has only {n_partner}; raise --partner-factor or lower --overlap")
+            f"{field}: overlap {overlap} / lead overlap {lead_overlap} need {n_ov_members + n_ov_new} shared "
+            f"people but the partner population has only {n_partner}; raise --partner-factor or lower the overlap")
     n_fresh = n_partner - n_ov_members - n_ov_new
     n_people = members + n_lead_new + n_fresh
     people = make_people(n_people, seed)
 
-    # Universe layout: [members | new lead people | partner-only people].
+    # Universe layout: [members | new lead people | partner-only people]. Leads (historical and
+    # new) are one shuffled list; its last `n_new` rows are the new leads.
     member_idx = np.arange(members)
     lead_member_rows = np.sort(sel.choice(members, size=n_lead_members, replace=False))
     lead_idx = np.concatenate([lead_member_rows, np.arange(members, members + n_lead_new)])
-    lead_perm = sel.permutation(n_leads)
+    lead_perm = sel.permutation(n_all)
     lead_idx = lead_idx[lead_perm]
     lead_member_row = np.concatenate([lead_member_rows, np.full(n_lead_new, -1)])[lead_perm]
+    is_new = np.arange(n_all) >= n_leads
 
     ov_members = sel.choice(members, size=n_ov_members, replace=False)
     ov_new = members + sel.choice(n_lead_new, size=n_ov_new, replace=False) if n_lead_new else np.empty(0, np.int64)
@@ -1199,35 +1315,57 @@ def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: floa
     bm = brand_members(people, member_idx, seed)
     member_ids = bm.data.column("member_id").combine_chunks()
     lead_mid = pc.take(member_ids, pa.array(lead_member_row, mask=lead_member_row < 0))
-    bl = brand_leads(people, lead_idx, lead_mid, seed)
+    all_leads = brand_leads(people, lead_idx, lead_mid, seed, new=is_new)
+    lead_ids = pa.concat_arrays([_ids("L", n_leads, 8), _ids("NL", n_new, 7)])
+    all_leads = Table(all_leads.name, all_leads.data.set_column(0, "lead_id", lead_ids), all_leads.person,
+                      all_leads.phone_ok, all_leads.email_ok, all_leads.openid_ok, all_leads.unionid_ok)
+    bl = _rows(all_leads, np.arange(n_leads), "brand_leads")
+    nl = _rows(all_leads, np.arange(n_leads, n_all), "brand_new_leads")
+    new_outcomes = nl.data.select(["lead_id", "converted"])
+    nl = Table(nl.name, nl.data.drop_columns(["converted"]), nl.person, nl.phone_ok, nl.email_ok, nl.openid_ok,
+               nl.unionid_ok)
+    lead_idx = lead_idx[:n_leads]
 
     # Which WeChat ids the brand holds for each person (members or leads).
     b_union = np.zeros(n_people, dtype=bool)
     b_open = np.zeros(n_people, dtype=bool)
-    for t in (bm, bl):
+    for t in (bm, all_leads):
         b_union[t.person[t.unionid_ok]] = True
         b_open[t.person[t.openid_ok]] = True
     pp = partner_population(people, partner_idx, b_union[partner_idx], b_open[partner_idx], seed)
 
-    # Consent: members and leads on the brand side; everyone on the partner side. A subject's
-    # first consent comes with sign-up, through the sign-up channel.
+    # Consent: members and leads (members' and leads' policies) on the brand side; everyone on
+    # the partner side. A subject's first consent comes with sign-up, through its channel.
     chan_code = {c: i for i, c in enumerate(CHANNELS)}
     rng_b = _rng(seed, _S_CONSENT_B)
-    b_subjects = pa.concat_arrays([member_ids, bl.data.column("lead_id").combine_chunks()])
-    b_ident = pa.concat_arrays([e164(people.phone[member_idx], bm.phone_ok), e164(people.phone[lead_idx], bl.phone_ok)])
+    b_subjects = pa.concat_arrays([member_ids, all_leads.data.column("lead_id").combine_chunks()])
+    b_ident = pa.concat_arrays([e164(people.phone[member_idx], bm.phone_ok),
+                                e164(people.phone[all_leads.person], all_leads.phone_ok)])
     b_since = np.concatenate([
         column(bm.data, "registration_date").astype("datetime64[s]"),
-        column(bl.data, "created_date").astype("datetime64[s]"),
-    ]) + rng_b.integers(8 * 3600, 22 * 3600, members + n_leads).astype("timedelta64[s]")
+        column(all_leads.data, "created_date").astype("datetime64[s]"),
+    ]) + rng_b.integers(8 * 3600, 22 * 3600, members + n_all).astype("timedelta64[s]")
     reg = column(bm.data, "registration_channel").astype(str)
-    src = column(bl.data, "source_channel").astype(str)
+    src = column(all_leads.data, "source_channel").astype(str)
     b_channel = np.concatenate([
         np.select([reg == "wechat_miniprogram", reg == "app", reg == "store"],
                   [chan_code["wechat_miniprogram"], chan_code["app"], chan_code["store"]], chan_code["web"]),
         np.select([np.isin(src, ["dealer_walk_in", "auto_show"]), src == "wechat_miniprogram", src == "call_centre"],
                   [chan_code["store"], chan_code["wechat_miniprogram"], chan_code["call_centre"]], chan_code["web"]),
     ])
-    b_plan = consent_plan(rng_b, b_since, b_channel, _BRAND_POLICY)
+    b_group = np.concatenate([np.zeros(members, np.intp), np.ones(n_all, np.intp)])
+    b_plan = consent_plan(rng_b, b_since, b_channel, [_BRAND_POLICY, _LEAD_POLICY], b_group)
+    # Opt-outs of personalised marketing (PIPL Art. 24), set in the app / mini-program settings.
+    opt_rate = np.where(b_group == 0, _OPT_OUT_RATE["members"], _OPT_OUT_RATE["leads"])
+    opted = np.flatnonzero(rng_b.random(members + n_all) < opt_rate)
+    opted_at = b_since[opted] + (1 + rng_b.random(opted.shape[0]) * (AS_OF - np.timedelta64(3600, "s") - b_since[opted])
+                                 .astype(np.int64)).astype(np.int64).astype("timedelta64[s]")
+    preferences = pa.table({
+        "subject": pc.take(b_subjects, pa.array(opted.astype(np.int64))),
+        "no_personalised_marketing": pa.array(np.ones(opted.shape[0], dtype=np.int8)),
+        "channel": pa.array(CHANNELS[np.where(rng_b.random(opted.shape[0]) < 0.7, 1, 0)], type=pa.string()),
+        "changed_at": _iso(opted_at),
+    }).sort_by("changed_at")
     rng_p = _rng(seed, _S_CONSENT_P)
     p_subjects = pp.data.column("partner_id").combine_chunks()
     p_ident = e164(people.phone[partner_idx], pp.phone_ok)
@@ -1244,37 +1382,54 @@ def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: floa
     ov_leads = np.flatnonzero(lead_pos >= 0)
     y = column(bl.data, "converted")[ov_leads].astype(int)
     auc: dict[str, Any] = {"brand_only": None, "with_partner": None, "oracle": None}
+    auc_model: dict[str, Any] = {"brand_only": None, "with_partner": None}
     auc_note = None
     if ov_leads.shape[0] >= 200 and 20 <= y.sum() <= y.shape[0] - 20:
-        bx = _design(bl.data.take(pa.array(ov_leads)).to_pandas(), LEAD_NUMERIC, LEAD_CATEGORICAL)
-        px = _design(pp.data.take(pa.array(lead_pos[ov_leads])).to_pandas(), PARTNER_NUMERIC, PARTNER_CATEGORICAL)
-        auc.update(achievable_auc(bx, px, y, seed))
         from sklearn.metrics import roc_auc_score
 
+        auc.update(_scoring_auc(bl.data, pp.data, ov_leads, lead_pos[ov_leads], y, seed,
+                                (LEAD_NUMERIC, PARTNER_NUMERIC), (LEAD_CATEGORICAL, PARTNER_CATEGORICAL)))
         auc["oracle"] = float(roc_auc_score(y, lead_conversion_logit(people, lead_idx[ov_leads])))
         auc = {k: round(v, 4) for k, v in auc.items()}
+        auc_model = {k: round(v, 4) for k, v in _scoring_auc(
+            bl.data, pp.data, ov_leads, lead_pos[ov_leads], y, seed,
+            (LEAD_MODEL_FEATURES, PARTNER_MODEL_FEATURES), ([], [])).items()}
     else:
         auc_note = "too few overlapped leads (need >= 200 with >= 20 of each outcome); raise --leads"
+    new_pos = partner_pos[nl.person]
+    y_new = column(new_outcomes, "converted").astype(int)
+    new_truth: dict[str, Any] = {
+        "rows": n_new, "in_partner": int((new_pos >= 0).sum()),
+        "conversion_rate": round(float(y_new.mean()), 4) if n_new else None,
+        "oracle_auc": None,
+    }
+    if n_new and 0 < y_new.sum() < n_new:
+        from sklearn.metrics import roc_auc_score
+
+        new_truth["oracle_auc"] = round(float(roc_auc_score(y_new, lead_conversion_logit(people, nl.person))), 4)
 
     ground_truth = {
         "seed": seed,
         "as_of": str(AS_OF) + "Z",
         "brand": brand_name,
         "partner": partner_name,
-        "rows": {"brand_members": members, "brand_leads": n_leads, "partner_population": n_partner,
-                 "brand_consent": len(b_plan), "partner_consent": len(p_plan)},
+        "rows": {"brand_members": members, "brand_leads": n_leads, "brand_new_leads": n_new,
+                 "partner_population": n_partner, "brand_consent": len(b_plan), "partner_consent": len(p_plan),
+                 "brand_preferences": preferences.num_rows},
         "overlap": {
             "requested": overlap,
+            "lead_overlap_requested": lead_overlap,
             "members_in_partner": n_ov_members,
             "members_fraction": round(n_ov_members / members, 4),
             "leads_in_partner": int(ov_leads.shape[0]),
             "leads_fraction": round(ov_leads.shape[0] / n_leads, 4),
-            "leads_that_are_members": n_lead_members,
+            "leads_that_are_members": int((lead_member_row[:n_leads] >= 0).sum()),
         },
         # What a perfect PSI on each normalised identifier would match (persons, not rows).
         "expected_matches": {
             "brand_members": _match_counts(bm, partner_pos, pp),
             "brand_leads": _match_counts(bl, partner_pos, pp),
+            "brand_new_leads": _match_counts(nl, partner_pos, pp),
         },
         "labels": {
             "high_value_rate": round(float(column(bm.data, "high_value").mean()), 4),
@@ -1288,6 +1443,14 @@ def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: floa
             "brand_features": LEAD_NUMERIC + LEAD_CATEGORICAL,
             "partner_features": PARTNER_NUMERIC + PARTNER_CATEGORICAL,
         },
+        # The same with only the 0-1 / small-count features a model without standardisation uses.
+        "lead_scoring_auc_model_features": {
+            **auc_model,
+            "brand_features": LEAD_MODEL_FEATURES,
+            "partner_features": PARTNER_MODEL_FEATURES,
+        },
+        # The new leads' outcomes (in brand_new_leads_outcomes, which no party holds at scoring time).
+        "new_leads": new_truth,
         "consent_action_rates": {"brand": b_plan.action_rates(), "partner": p_plan.action_rates()},
     }
 
@@ -1298,23 +1461,29 @@ def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: floa
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
 
-    def emit(name: str, spec: dict[str, Any], batches: Iterable[pa.RecordBatch]) -> None:
+    def emit(name: str, spec: Optional[dict[str, Any]], batches: Iterable[pa.RecordBatch],
+             schema: Optional[pa.Schema] = None) -> None:
         path = out / f"{name}.{fmt}"
-        rows = write_batches(batches, path, fmt)
-        schema_path = out / f"{name}.schema.yaml"
-        schema_path.write_text(schema_yaml(name, spec), encoding="utf-8")
-        files[name] = {"path": str(path), "rows": rows, "schema": str(schema_path)}
+        rows = write_batches(batches, path, fmt, schema)
+        files[name] = {"path": str(path), "rows": rows}
+        if spec is not None:
+            schema_path = out / f"{name}.schema.yaml"
+            schema_path.write_text(schema_yaml(name, spec), encoding="utf-8")
+            files[name]["schema"] = str(schema_path)
 
     del people
     for name, table, spec in (("brand_members", bm, MEMBER_SCHEMA), ("brand_leads", bl, LEAD_SCHEMA),
-                              ("partner_population", pp, PARTNER_SCHEMA)):
-        emit(name, spec, table.data.to_batches(max_chunksize=1_000_000))
-    del bm, bl, pp, table
+                              ("brand_new_leads", nl, NEW_LEAD_SCHEMA), ("partner_population", pp, PARTNER_SCHEMA)):
+        emit(name, spec, table.data.to_batches(max_chunksize=1_000_000), table.data.schema)
+    del bm, bl, nl, all_leads, pp, table
+    emit("brand_new_leads_outcomes", None, new_outcomes.to_batches(), new_outcomes.schema)
+    emit("brand_preferences", None, preferences.to_batches(), preferences.schema)
     emit("brand_consent", CONSENT_SCHEMA,
          consent_batches(b_plan, brand_name, partner_name, b_subjects, b_ident, _BRAND_POLICY))
     del b_plan, b_subjects, b_ident
     emit("partner_consent", CONSENT_SCHEMA,
-         consent_batches(p_plan, partner_name, brand_name, p_subjects, p_ident, _PARTNER_POLICY))
+         consent_batches(p_plan, partner_name, brand_name, p_subjects, p_ident, _PARTNER_POLICY,
+                         named=PARTNER_NAMED_PURPOSES))
     for party, other, role in ((brand_name, partner_name, "brand"), (partner_name, brand_name, "partner")):
         path = out / f"{role}_notices.yaml"
         path.write_text(yaml.safe_dump(notices(party, other, role), sort_keys=False), encoding="utf-8")

@@ -22,7 +22,10 @@ def synth(
     members: int = typer.Option(20_000, "--members", help="Brand members"),
     partner_factor: float = typer.Option(3.0, "--partner-factor", help="Partner population = members x this"),
     leads: Optional[int] = typer.Option(None, "--leads", help="Brand leads (default members / 4)"),
-    overlap: float = typer.Option(0.35, "--overlap", help="Share of members and leads the partner also knows"),
+    new_leads: Optional[int] = typer.Option(None, "--new-leads", help="Fresh leads to score, no outcome yet (default leads / 10)"),
+    overlap: float = typer.Option(0.35, "--overlap", help="Share of members the partner also knows"),
+    lead_overlap: Optional[float] = typer.Option(None, "--lead-overlap",
+                                                 help="Share of non-member leads the partner also knows (default --overlap)"),
     seed: int = typer.Option(42, "--seed", help="Random seed; same seed => identical files"),
     fmt: str = typer.Option("csv", "--format", help="csv or parquet"),
     brand_name: str = typer.Option("brand", "--brand-name", help="The brand party's name"),
@@ -35,7 +38,7 @@ def synth(
     try:
         summary = generate(out, members=members, partner_factor=partner_factor, leads=leads,
                            overlap=overlap, seed=seed, fmt=fmt, brand_name=brand_name,
-                           partner_name=partner_name)
+                           partner_name=partner_name, new_leads=new_leads, lead_overlap=lead_overlap)
     except ValidationError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc.message}")
         # SystemExit, not typer.Exit: under `confide.cli.main` (standalone_mode=False) click
@@ -68,10 +71,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
     truth.add_row("high-value member rate", f"{summary['labels']['high_value_rate']:.1%}")
     truth.add_row("lead conversion rate", f"{summary['labels']['lead_conversion_rate']:.1%}")
     auc = summary["lead_scoring_auc"]
-    for key, label in (("brand_only", "lead AUC, brand features only"),
-                       ("with_partner", "lead AUC, with partner features"),
-                       ("oracle", "lead AUC, planted propensity (ceiling)")):
-        truth.add_row(label, "n/a" if auc[key] is None else f"{auc[key]:.3f}")
+    model = summary["lead_scoring_auc_model_features"]
+    for key, label, src in (("brand_only", "lead AUC, brand features only", auc),
+                            ("with_partner", "lead AUC, with partner features", auc),
+                            ("brand_only", "  same, flags / 0-1 scores only (what `train` uses)", model),
+                            ("with_partner", "  same with partner flags / 0-1 scores", model),
+                            ("oracle", "lead AUC, planted propensity (ceiling)", auc)):
+        truth.add_row(label, "n/a" if src[key] is None else f"{src[key]:.3f}")
+    new = summary["new_leads"]
+    truth.add_row("new leads (to score) / also at partner", f"{new['rows']:,} / {new['in_partner']:,}")
     for side, rates in summary["consent_action_rates"].items():
         truth.add_row(f"{side} consent granted / refused / withdrawn",
                       f"{rates['granted']:.0%} / {rates['refused']:.0%} / {rates['withdrawn']:.0%}")

@@ -15,7 +15,8 @@ import yaml
 from confide.errors import ValidationError
 from party_node.synth import generate
 
-DATA_FILES = ("brand_members", "brand_leads", "partner_population", "brand_consent", "partner_consent")
+DATA_FILES = ("brand_members", "brand_leads", "brand_new_leads", "partner_population", "brand_consent",
+              "partner_consent")
 PURPOSES = {"audience.overlap", "audience.match", "modeling.lead_scoring", "scoring.lead",
             "modeling.lookalike", "marketing.personalized", "sharing.third_party"}
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
@@ -50,7 +51,8 @@ def test_same_seed_gives_identical_files_and_another_seed_different(tmp_path: Pa
     generate(tmp_path / "b", seed=5, **args)
     generate(tmp_path / "c", seed=6, **args)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert len(names) == 13  # 5 data files, 5 schemas, 2 notice files, ground_truth.json
+    # 6 data files with schemas, new-lead outcomes, preferences, 2 notice files, ground_truth.json
+    assert len(names) == 17
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     for name in DATA_FILES:
@@ -157,7 +159,8 @@ def test_consent_events_are_plausible(data: Path) -> None:
     members = read(data, "brand_members")
     leads = read(data, "brand_leads")
     for name, own, other, subjects in (
-        ("brand_consent", "acme", "datapal", set(members["member_id"]) | set(leads["lead_id"])),
+        ("brand_consent", "acme", "datapal",
+         set(members["member_id"]) | set(leads["lead_id"]) | set(read(data, "brand_new_leads")["lead_id"])),
         ("partner_consent", "datapal", "acme", set(read(data, "partner_population")["partner_id"])),
     ):
         c = read(data, name)
@@ -169,9 +172,12 @@ def test_consent_events_are_plausible(data: Path) -> None:
         assert 0.55 < rates["granted"] < 0.85
         assert 0.1 < rates["refused"] < 0.4
         assert 0.01 < rates["withdrawn"] < 0.1
-        sharing = c["purpose"] == "sharing.third_party"
-        assert (c.loc[sharing, "recipient"] == other).all()
-        assert c.loc[~sharing, "recipient"].isna().all()
+        # sharing.* names the recipient (PIPL Art. 23); the partner also asks by name whether
+        # the brand's lead-scoring model may use its signals.
+        named = c["purpose"].isin({"sharing.third_party"} | (
+            {"modeling.lead_scoring", "scoring.lead"} if name == "partner_consent" else set()))
+        assert (c.loc[named, "recipient"] == other).all()
+        assert c.loc[~named, "recipient"].isna().all()
         # Each event cites a notice version in force then, which covers its purpose.
         role = "brand" if name.startswith("brand") else "partner"
         notices = yaml.safe_load((data / f"{role}_notices.yaml").read_text())
@@ -244,7 +250,7 @@ def test_partner_features_raise_lead_auc(data: Path) -> None:
     joined = leads.dropna(subset=["key"]).merge(partner.dropna(subset=["key"]), on="key", suffixes=("", "_p"))
     assert len(joined) > 2000
     y = joined["converted"].astype(int).to_numpy()
-    brand = _design(joined, ["age", "days_since_first_contact", "test_drive_booked", "dealer_visits",
+    brand = _design(joined, ["age", "days_to_first_contact", "test_drive_booked", "dealer_visits",
                              "calls_answered", "wechat_interactions", "configurator_sessions",
                              "price_quote_requested", "financing_inquiry", "trade_in_inquiry"],
                     ["source_channel", "lead_grade", "budget_band", "city_tier"])
@@ -266,6 +272,9 @@ def test_partner_features_raise_lead_auc(data: Path) -> None:
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(overlap=1.5), "overlap"),
+    (dict(lead_overlap=1.2), "lead_overlap"),
+    (dict(new_leads=-1), "new_leads"),
+    (dict(leads=900, partner_factor=1.0, overlap=0.1, lead_overlap=1.0), "lead_overlap"),
     (dict(overlap=-0.1), "overlap"),
     (dict(members=0), "members"),
     (dict(members=-3), "members"),
@@ -306,3 +315,68 @@ def test_cli_prints_json_summary_and_exits_2_on_bad_options(tmp_path: Path) -> N
     bad = runner.invoke(app, ["--out", str(tmp_path / "x"), "--overlap", "2"])
     assert bad.exit_code == 2
     assert "overlap" in bad.output + (bad.stderr or "")
+
+
+def test_new_leads_have_no_outcome_but_the_outcomes_file_holds_it(data: Path) -> None:
+    new = read(data, "brand_new_leads")
+    leads = read(data, "brand_leads")
+    outcomes = read(data, "brand_new_leads_outcomes")
+    assert len(new) == 800 and "converted" not in new.columns  # default: leads // 10
+    assert list(outcomes.columns) == ["lead_id", "converted"] and outcomes["lead_id"].tolist() == new["lead_id"].tolist()
+    assert set(outcomes["converted"]) == {"0", "1"}
+    assert not set(new["lead_id"]) & set(leads["lead_id"])
+    # New leads came in the last two weeks; historical ones long enough ago to know the outcome.
+    assert (new["created_date"] >= "2026-10-18").all()
+    assert (leads["created_date"] <= "2026-08-02").all()
+    schema = yaml.safe_load((data / "brand_new_leads.schema.yaml").read_text())
+    assert schema["labels"] == [] and schema["key"] == "lead_id"
+    truth = json.loads((data / "ground_truth.json").read_text())["new_leads"]
+    assert truth["rows"] == 800 and 0 < truth["in_partner"] < 800
+    assert truth["oracle_auc"] > 0.7
+
+
+def test_lead_overlap_sets_how_many_leads_the_partner_knows(tmp_path: Path) -> None:
+    generate(tmp_path, members=2000, leads=6000, new_leads=0, overlap=0.2, lead_overlap=0.7, seed=3)
+    truth = json.loads((tmp_path / "ground_truth.json").read_text())
+    partner = set(read(tmp_path, "partner_population")["phone"].map(norm_phone).dropna())
+    leads = read(tmp_path, "brand_leads")
+    non_members = leads[leads["member_id"].isna()]["phone"].map(norm_phone).dropna()
+    assert abs(non_members.isin(partner).mean() - 0.7 * 0.97) < 0.03
+    members = read(tmp_path, "brand_members")["phone"].map(norm_phone).dropna()
+    assert abs(members.isin(partner).mean() - 0.2 * 0.97) < 0.03
+    assert truth["rows"]["brand_new_leads"] == 0 and len(read(tmp_path, "brand_new_leads")) == 0
+
+
+def test_consent_decisions_of_one_person_go_together_and_leads_grant_lead_purposes_more(data: Path) -> None:
+    c = read(data, "brand_consent")
+    first = c.sort_values("valid_from").groupby(["subject", "purpose"])["action"].first().unstack()
+    match = first["audience.match"].dropna()
+    scoring = first["modeling.lead_scoring"].reindex(match.index)
+    granted_after_refusal = (scoring[match == "refused"] == "granted").mean()
+    granted_after_grant = (scoring[match == "granted"] == "granted").mean()
+    assert granted_after_grant - granted_after_refusal > 0.3, (granted_after_grant, granted_after_refusal)
+    is_lead = first.index.str.startswith(("L", "NL"))
+    lead_rate = (first.loc[is_lead, "modeling.lead_scoring"] == "granted").mean()
+    member_rate = (first.loc[~is_lead, "modeling.lead_scoring"] == "granted").mean()
+    assert lead_rate > member_rate + 0.05 and 0.75 < lead_rate < 0.95
+
+
+def test_preferences_opt_outs_are_few_and_name_brand_subjects(data: Path) -> None:
+    prefs = read(data, "brand_preferences")
+    subjects = set(read(data, "brand_members")["member_id"]) | set(read(data, "brand_leads")["lead_id"]) \
+        | set(read(data, "brand_new_leads")["lead_id"])
+    assert prefs["subject"].is_unique and set(prefs["subject"]) <= subjects
+    assert 0.01 < len(prefs) / len(subjects) < 0.05
+    assert (prefs["no_personalised_marketing"] == "1").all()
+    assert prefs["changed_at"].str.fullmatch(ISO_UTC).all() and prefs["changed_at"].is_monotonic_increasing
+    assert (prefs["changed_at"] < "2026-11-01").all()
+
+
+def test_partner_model_features_alone_carry_the_planted_lift(data: Path) -> None:
+    """The flags and 0-1 tag scores the vertical model trains on show the partner's value too."""
+    truth = json.loads((data / "ground_truth.json").read_text())["lead_scoring_auc_model_features"]
+    assert truth["brand_only"] > 0.58
+    assert truth["with_partner"] - truth["brand_only"] > 0.06, truth
+    for name, cols in (("brand_leads", truth["brand_features"]), ("partner_population", truth["partner_features"])):
+        values = read(data, name)[cols].astype(float)
+        assert values.notna().all().all() and values.min().min() >= 0 and values.max().max() <= 30, name
