@@ -200,10 +200,13 @@ class TrainJob:
 class ScoreJob:
     """`score`: 0-1 scores for the brand's leads with a trained model (docs/vfl.md §1).
 
-        params = {"model": "<succeeded train job id>", "dataset": "<brand dataset of leads>"}
+        params = {"model": "<succeeded train job id>", "dataset": "<brand dataset of leads>",
+                  "match_job": "<optional: a match job of `dataset` with the partners>"}
 
     Every row of `dataset` is a lead (the brand ingests the leads to score as a dataset, so no
-    row id ever travels to the coordinator in the job's parameters).
+    row id ever travels to the coordinator in the job's parameters). Leads are aligned with the
+    partners by the join keys of `match_job` — by default the model's own match job; fresh leads
+    (another dataset, e.g. this week's leads) need a match job of their own first.
 
     Leads with a join key from the model's match job that every partner knows (and may use)
     get the joint score: each party sends masked partial logits to the arbiter, which returns
@@ -215,9 +218,12 @@ class ScoreJob:
     name = "score"
 
     def validate_params(self, spec: AgreementSpec, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(params) - {"model", "dataset"}
+        unknown = set(params) - {"model", "dataset", "match_job"}
         if unknown:
-            raise ValidationError(f"score takes model and dataset, not {sorted(unknown)}", field="params")
+            raise ValidationError(f"score takes model, dataset and match_job, not {sorted(unknown)}", field="params")
+        match_job = params.get("match_job")
+        if match_job is not None and (not isinstance(match_job, str) or not match_job):
+            raise ValidationError("match_job must be the id of a match job of the leads", field="match_job")
         model = params.get("model")
         if not isinstance(model, str) or not model:
             raise ValidationError("name the model version (the train job id) in params.model", field="model")
@@ -229,7 +235,8 @@ class ScoreJob:
             raise ValidationError(f"dataset must be one of {guests[0].name}'s datasets {guests[0].datasets}",
                                   field="dataset")
         hosts = sorted(p.name for p in spec.parties if p.role == "feature_holder")
-        return {"model": model, "dataset": dataset, "guest": guests[0].name, "hosts": hosts}
+        out = {"model": model, "dataset": dataset, "guest": guests[0].name, "hosts": hosts}
+        return {**out, "match_job": match_job} if match_job else out
 
     def plan(self, spec: AgreementSpec, params: dict[str, Any]) -> list[StepPlan]:
         return [StepPlan(f"score@{p}", p, 0, {}) for p in [params["guest"], *params["hosts"]]]
@@ -238,6 +245,8 @@ class ScoreJob:
         from coordinator import arbiter
 
         arbiter.check_model(coordinator, job_id, params["model"], params["hosts"])
+        if params.get("match_job"):
+            arbiter.check_match_job(coordinator, job_id, params["match_job"])
         arbiter.start_session(coordinator, job_id, {**params, "train": {}, "mode": "score"})
 
     def finalize(self, spec: AgreementSpec, params: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:

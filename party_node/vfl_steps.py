@@ -444,7 +444,8 @@ def score_step(ctx: StepContext) -> dict[str, Any]:
         raise AgreementError(f"{me!r} has no role in this scoring job")
     rule = ctx.agreement.spec.rule(ctx.job_type or "score")
     part = _model_part(ctx, p["model"], me)
-    model, match_job = part["model"], part["match_job"]
+    # The leads' join keys: from the job's match job (fresh leads), else the model's.
+    model, match_job = part["model"], p.get("match_job") or part["match_job"]
     features = list(model["features"])
     ch = RelayChannel(ctx.node, ctx.job_id, "score", ctx.cancelled)
     now = dt.datetime.now(dt.timezone.utc)
