@@ -1,9 +1,19 @@
 """Processing purposes: hierarchical keys shipped as data (`purposes.yaml`), extensible.
 
 A key like `modeling.lookalike` has the ancestors `modeling`; a consent rule recorded on an
-ancestor covers the key. Two flags travel down the tree (a child may override them):
-`recipient_specific` (needs a grant naming the recipient, PIPL Art. 23) and `personalised`
-(removed by the subject's "no personalised marketing" switch, PIPL Art. 24).
+ancestor covers the key. Three flags travel down the tree (a child may override them):
+
+- `recipient_specific`: processing under the purpose *is* giving data to another party
+  (`sharing.*`): a gate call must name the recipient and only a grant naming it counts.
+- `separate_consent`: processing under the purpose with another party provides personal
+  information to that party (PSI matching, joint modelling, scoring with a partner's model
+  part), so when a gate call names a recipient only a grant naming that recipient counts
+  (PIPL Art. 23: separate consent, after being told the recipient's name). Without a
+  recipient (the party's own processing) a general grant counts. Purposes whose cross-party
+  output is aggregate only (`audience.overlap`: a k_min-suppressed count) set it false.
+- `personalised`: removed by the subject's "no personalised marketing" switch (PIPL Art. 24).
+
+See docs/consent.md for the reasoning.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ class Purpose:
     description: str
     recipient_specific: bool
     personalised: bool
+    separate_consent: bool = False
 
     @property
     def parent(self) -> str | None:
@@ -53,13 +64,13 @@ class PurposeRegistry:
                 raise ConfigurationError(f"cannot read purposes file {f}: {exc}") from exc
             if not isinstance(data, dict) or not isinstance(data.get("purposes"), dict):
                 raise ConfigurationError(f"purposes file {f} must hold a mapping under 'purposes'")
-            _walk(data["purposes"], None, False, False, found, str(f))
+            _walk(data["purposes"], None, False, False, found, str(f), False)
         return cls(found.values())
 
     @classmethod
     def from_mapping(cls, tree: Mapping[str, Any]) -> "PurposeRegistry":
         found: dict[str, Purpose] = {}
-        _walk(tree, None, False, False, found, "<mapping>")
+        _walk(tree, None, False, False, found, "<mapping>", False)
         return cls(found.values())
 
     def __contains__(self, key: object) -> bool:
@@ -99,6 +110,13 @@ class PurposeRegistry:
     def personalised(self, key: str) -> bool:
         return self.get(key).personalised
 
+    def needs_named_grant(self, key: str, recipient: str | None) -> bool:
+        """Whether a gate call for `key` with `recipient` counts only grants naming the
+        recipient (PIPL Art. 23): always for `recipient_specific` purposes, and for
+        `separate_consent` purposes whenever a recipient is named."""
+        p = self.get(key)
+        return p.recipient_specific or (recipient is not None and p.separate_consent)
+
 
 def _walk(
     tree: Mapping[str, Any],
@@ -107,6 +125,7 @@ def _walk(
     personalised: bool,
     out: dict[str, Purpose],
     source: str,
+    separate: bool,
 ) -> None:
     for name, spec in tree.items():
         if not isinstance(name, str) or not _SEGMENT.match(name):
@@ -117,8 +136,9 @@ def _walk(
         key = f"{prefix}.{name}" if prefix else name
         rs = bool(spec.get("recipient_specific", recipient_specific))
         pers = bool(spec.get("personalised", personalised))
-        out[key] = Purpose(key, str(spec.get("description", "")), rs, pers)
+        sep = bool(spec.get("separate_consent", separate)) or rs
+        out[key] = Purpose(key, str(spec.get("description", "")), rs, pers, sep)
         children = spec.get("children") or {}
         if not isinstance(children, dict):
             raise ConfigurationError(f"{source}: children of {key!r} must be a mapping")
-        _walk(children, key, rs, pers, out, source)
+        _walk(children, key, rs, pers, out, source, sep)

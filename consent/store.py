@@ -12,11 +12,13 @@ Semantics of the gate (`allowed`), per subject:
   grant (`withdrawn`, `refused`); so does the "no personalised marketing" switch for a
   personalised purpose (`opted_out`).
 - Otherwise a grant allows if it applies to the call's recipient, is valid at `at`, and its
-  notice version still covers the purpose unchanged. For a recipient-specific purpose
-  (`sharing.*`, PIPL Art. 23: separate consent) only a grant naming that recipient applies,
-  and the notice must name the recipient too; a grant for no or another recipient gives
-  `no_recipient_consent`. For other purposes a general grant or one naming the recipient
-  applies (a refusal or withdrawal naming the recipient still vetoes). A later notice version in
+  notice version still covers the purpose unchanged. When the call needs separate consent
+  (PIPL Art. 23; `PurposeRegistry.needs_named_grant`: always for `sharing.*`, and for
+  `audience.match`, `modeling.*`, `scoring.*`, `activation.*` whenever the call names a
+  recipient) only a grant naming that recipient applies, and its notice must name the
+  recipient too; a grant for no or another recipient gives `no_recipient_consent`. Otherwise
+  a general grant or one naming the recipient applies. A refusal or withdrawal, general or
+  naming the recipient, always vetoes. A later notice version in
   force at `at` that changes the purpose's data categories (or drops the recipient) makes the
   grant `notice_superseded`; a version that never covered them, `not_in_notice`.
 - Denied subjects are counted per reason; a subject with no applicable rule is `no_consent`.
@@ -568,7 +570,7 @@ class ConsentStore:
                         field="recipient",
                     )
             refs = self._keys.refs(subjects)
-            separate = spec.recipient_specific
+            separate = self.purposes.needs_named_grant(purpose, recipient)
             bad_versions = insufficient_versions(
                 self._notices(session), purpose, recipient if separate else None, at_utc
             )
@@ -992,7 +994,7 @@ class _IngestContext:
                     )
                 if (
                     e.recipient is not None
-                    and reg.recipient_specific(e.purpose)
+                    and reg.needs_named_grant(e.purpose, e.recipient)
                     and e.recipient not in terms.recipients_for(e.purpose)
                 ):
                     raise ValidationError(

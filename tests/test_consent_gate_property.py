@@ -30,16 +30,20 @@ NOTICES = [
         {"purpose": "modeling", "recipients": ["p1"], "data_categories": ["a"]},
         {"purpose": "marketing", "data_categories": ["a"]},
         {"purpose": "sharing", "recipients": ["p1", "p2"], "data_categories": ["phone"]},
+        {"purpose": "audience", "recipients": ["p1"], "data_categories": ["phone"]},
     ]},
     {"notice": "m", "version": "n2", "published_at": T0 + 3 * DAY, "purposes": [
         {"purpose": "modeling", "recipients": ["p1"], "data_categories": ["a", "b"]},
         {"purpose": "modeling.lookalike", "recipients": ["p1", "p2"], "data_categories": ["a", "c"]},
         {"purpose": "marketing", "data_categories": ["a"]},
         {"purpose": "sharing", "recipients": ["p1"], "data_categories": ["phone"]},
+        {"purpose": "audience", "recipients": ["p1", "p2"], "data_categories": ["phone"]},
     ]},
 ]
-PURPOSES = ["modeling", "modeling.lookalike", "marketing", "marketing.personalized", "sharing", "sharing.third_party"]
-QUERIES = ["modeling.lookalike", "modeling", "modeling", "marketing.personalized", "marketing.general", "sharing.third_party"]
+PURPOSES = ["modeling", "modeling.lookalike", "marketing", "marketing.personalized", "sharing", "sharing.third_party",
+            "audience", "audience.match"]
+QUERIES = ["modeling.lookalike", "modeling", "modeling", "marketing.personalized", "marketing.general", "sharing.third_party",
+           "audience.match", "audience.overlap"]
 RANK = {"granted": 0, "expired": 1, "refused": 2, "withdrawn": 3}
 WEAK = ["expired", "notice_superseded", "not_in_notice", "no_recipient_consent", "not_yet_valid"]
 
@@ -83,12 +87,24 @@ def _notice_problem(version: str, purpose: str, recipient: str | None, at: dt.da
     return None
 
 
+def _separate(purpose: str, recipient: str | None) -> bool:
+    """PIPL Art. 23 as docs/consent.md states it, written out independently of the registry:
+    sharing always needs a grant naming the recipient; matching, modelling, scoring and
+    activation with a named party need one too; counts-only overlap and own processing do not."""
+    root = purpose.split(".")[0]
+    if root == "sharing":
+        return True
+    if recipient is None or purpose == "audience.overlap":
+        return False
+    return root in ("audience", "modeling", "scoring", "activation")
+
+
 def reference(events: list[E], opted: set[str], erased: set[str], subject: str, purpose: str,
               recipient: str | None, at: dt.datetime) -> tuple[str, set[str]]:
     """('allowed', evidence ids) or (reason, set())."""
     if subject in erased:
         return "erased", set()
-    separate = REG.recipient_specific(purpose)  # only a grant naming the recipient counts
+    separate = _separate(purpose, recipient)  # only a grant naming the recipient counts
     usable = {recipient} if separate else {None, recipient}
     latest: dict[tuple[str, str | None], E] = {}
     for e in sorted(events, key=lambda e: (e.received, RANK[e.action], e.event_id)):

@@ -22,7 +22,7 @@ NOTICE_V1 = {
     "purposes": [
         {"purpose": "modeling", "data_categories": ["orders"]},
         {"purpose": "marketing", "data_categories": ["orders"]},
-        {"purpose": "audience", "recipients": ["partner"], "data_categories": ["phone"]},
+        {"purpose": "audience", "recipients": ["partner", "partner2"], "data_categories": ["phone"]},
         {"purpose": "sharing.third_party", "recipients": ["partner", "partner2"], "data_categories": ["phone"]},
     ],
 }
@@ -141,19 +141,40 @@ def test_per_recipient_withdrawal_for_collaboration_purposes(store: tuple[Consen
     forwarded: list[tuple[str, str, str | None]] = []
     s.add_withdrawal_hook(lambda subj, purpose, rec: forwarded.append((subj, purpose, rec)))
     s.record_events([
-        ev("g1", "m1", "audience"),  # a general grant covers processing with any party ...
-        ev("g2", "m2", "audience", recipient="partner"),  # ... and so does one naming the party
-        ev("g3", "m3", "audience", recipient="partner2"),  # but not one naming another party
+        ev("g1", "m1", "audience"),  # a general grant covers own processing and counts-only overlap ...
+        ev("g2", "m2", "audience", recipient="partner"),  # ... matching with a party needs one naming it
+        ev("g3", "m3", "audience", recipient="partner2"),  # (not one naming another party)
+        ev("g4", "m1", "audience", recipient="partner2"),
     ])
-    d = s.allowed(["m1", "m2", "m3"], "audience.match", "partner", T0 + DAY)
+    at = T0 + DAY
+    d = s.allowed(["m1", "m2", "m3"], "audience.match", "partner", at)
+    assert d.allowed == ["m2"] and d.denied_counts == {"no_recipient_consent": 2}
+    d = s.allowed(["m1", "m2", "m3"], "audience.overlap", "partner", at)  # aggregate only: no separate consent
     assert d.allowed == ["m1", "m2"] and d.denied_counts == {"no_consent": 1}
-    s.record(ev("w1", "m1", "audience", "withdrawn", recipient="partner", received_at=T0 + DAY))
-    assert forwarded == [("m1", "audience", "partner")]
+    assert s.allowed(["m1", "m2", "m3"], "audience.match", None, at).allowed == ["m1"]  # own processing
+    assert s.allowed(["m1", "m2", "m3"], "audience.match", "partner2", at).allowed == ["m1", "m3"]
+    s.record(ev("w1", "m2", "audience", "withdrawn", recipient="partner", received_at=T0 + DAY))
+    assert forwarded == [("m2", "audience", "partner")]
     d = s.allowed(["m1", "m2"], "audience.match", "partner", T0 + 2 * DAY)
-    assert d.allowed == ["m2"] and d.denied_counts == {"withdrawn": 1}
-    # Withdrawn for partner only: own processing and processing with partner2 go on.
-    assert s.allowed(["m1"], "audience.match", None, T0 + 2 * DAY).allowed == ["m1"]
+    assert d.allowed == [] and d.denied_counts == {"no_recipient_consent": 1, "withdrawn": 1}
+    # A withdrawal for partner only: processing with partner2 goes on; a general withdrawal ends all.
     assert s.allowed(["m1"], "audience.match", "partner2", T0 + 2 * DAY).allowed == ["m1"]
+    s.record(ev("w2", "m1", "audience", "withdrawn", received_at=T0 + 2 * DAY))
+    assert s.allowed(["m1"], "audience.match", "partner2", T0 + 3 * DAY).denied_counts == {"withdrawn": 1}
+
+
+def test_separate_consent_grant_must_be_under_a_notice_naming_the_recipient(
+    store: tuple[ConsentStore, RecordingAudit],
+) -> None:
+    s, _ = store
+    # NOTICE_V1 names no recipient for `modeling`: a grant naming one cannot have been informed.
+    with pytest.raises(ValidationError) as exc:
+        s.record(ev("g1", "m1", "modeling", recipient="partner"))
+    assert exc.value.details["field"] == "events[0].recipient" and "does not name recipient" in exc.value.message
+    s.record(ev("g2", "m1", "modeling"))
+    d = s.allowed(["m1"], "modeling.lead_scoring", "partner", T0 + DAY)
+    assert d.allowed == [] and d.denied_counts == {"no_recipient_consent": 1}
+    assert s.allowed(["m1"], "modeling.lead_scoring", None, T0 + DAY).allowed == ["m1"]
 
 
 def test_remote_withdrawal_excludes_subject_on_recipient_side(store: tuple[ConsentStore, RecordingAudit]) -> None:
