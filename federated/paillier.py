@@ -12,8 +12,8 @@ Speed comes from doing less work per value, never from weaker keys (2048-bit by 
   in batches on the executor's process pool (`ObfuscatorPool.fill`); encrypting is then two
   multiplications.
 - **Multi-exponentiation.** `prod_i c_i^{e_i} mod n^2` for short exponents with Pippenger's
-  bucket method (shared squarings), split across the executor's workers; with packed
-  exponents (`multi_exp_packed`) one pass gives several weighted sums of scalar ciphertexts.
+  bucket method (shared squarings), split across the executor's workers. `pow_each` raises scalar ciphertexts to packed
+  exponents ([[s]] -> [[s x_1, ..., s x_f]] packed), once per row.
 - **CRT decryption** with the factors of n.
 
 Ciphertexts and plaintexts are Python ints (gmpy2 `mpz` inside); on the wire they are fixed-width
@@ -337,20 +337,24 @@ def multi_exp(pub: PublicKey, bases: Sequence[Any], exps: Sequence[int], executo
     return pos if neg == 1 else pos * gmpy2.invert(neg, n2) % n2
 
 
-def multi_exp_packed(pub: PublicKey, bases: Sequence[Any], slot_rows: Sequence[Sequence[int]], slot_bits: int,
-                     executor: Executor | None = None) -> Any:
-    """[[sum_i x_i * pack(slot_rows[i])]] = prod_i [[x_i]]^{pack(slot_rows[i])}: for scalar
-    ciphertexts [[x_i]], one packed ciphertext whose slot j holds sum_i x_i slot_rows[i][j]
-    (the exponents are packed instead of the bases).
+def _pow_part(n: int, part: tuple[list[Any], list[int]]) -> list[Any]:
+    n2 = mpz(n) * mpz(n)
+    return [gmpy2.powmod(mpz(b), int(e), n2) for b, e in zip(*part)]
 
-    Each row's positive and negative slots go into two exponents (the negative ones through
-    the inverse): a signed packed exponent would borrow across slots and fill the gaps between
-    them with 1-bits, and Pippenger's cost follows the non-zero digits."""
-    if len(bases) != len(slot_rows):
-        raise ValidationError("multi_exp_packed: bases and exponent rows differ in length")
-    pos = [pack([max(int(v), 0) for v in row], slot_bits) for row in slot_rows]
-    neg = [pack([max(-int(v), 0) for v in row], slot_bits) for row in slot_rows]
-    return multi_exp(pub, [*bases, *bases], [*pos, *(-e for e in neg)], executor)
+
+def pow_each(pub: PublicKey, bases: Sequence[Any], exps: Sequence[int], executor: Executor | None = None,
+             batch: int = 256) -> list[Any]:
+    """[[e_i x_i]] = [[x_i]]^{e_i} for every i (e_i may be a long packed exponent, or negative),
+    on the executor's workers. The results carry the bases' randomness: rerandomize before
+    handing them to a party that holds the bases."""
+    if len(bases) != len(exps):
+        raise ValidationError("pow_each: bases and exponents differ in length")
+    ex = executor or InProcessExecutor()
+    chunks = [(list(bases[i : i + batch]), [int(e) for e in exps[i : i + batch]]) for i in range(0, len(bases), batch)]
+    out: list[Any] = []
+    for part in ex.map_batches(functools.partial(_pow_part, pub.n), chunks):
+        out.extend(part)
+    return out
 
 
 def decrypt(priv: PrivateKey, ciphertexts: Iterable[Any]) -> list[int]:

@@ -61,10 +61,13 @@ Outgoing = tuple[str, m._Msg]
 FEATURE_FRAC_BITS = 16  # fixed-point fraction of features
 EXP_FRAC_BITS = 20  # fixed-point fraction of partial predictions / residuals
 EXP_INT_BITS = 12  # |partials| < 4096: beyond that the model has diverged
-IRLS_FRAC_BITS = 24  # fixed-point fraction of the IRLS weights s_i and of x_i * s_i
-C_FRAC_BITS = 28  # IRLS: the guest's exponents c_i, so that x (2^-16) * c lands at 2^-44 too
-IRLS_REMOTE_FRAC = IRLS_FRAC_BITS + EXP_FRAC_BITS  # every remote IRLS aggregate is at 2^-44
-assert IRLS_REMOTE_FRAC == FEATURE_FRAC_BITS + C_FRAC_BITS
+# IRLS fixed point: s_i at 2^-20; encrypted rows x_i s_i at 2^-36 (the guest's, and each host's
+# [[s_i]]^{x_i 2^16}); times partials u at 2^-20 -> every remote aggregate at 2^-56, which is
+# also where the host's features (2^-16) times the guest's c_i (at 2^-40) land.
+IRLS_FRAC_BITS = 20
+IRLS_ROW_FRAC = IRLS_FRAC_BITS + FEATURE_FRAC_BITS
+IRLS_REMOTE_FRAC = IRLS_ROW_FRAC + EXP_FRAC_BITS
+C_FRAC_BITS = IRLS_REMOTE_FRAC - FEATURE_FRAC_BITS
 SCORE_FRAC_BITS = 24
 LOSS_FRAC_BITS = 32
 LOSS_MOD = 1 << 128
@@ -114,10 +117,8 @@ class TrainConfig(BaseModel):
         return self.base_lr / (1.0 + self.lr_decay * epoch)
 
     def check_hosts(self, hosts: int) -> None:
-        if self.loss == "irls" and hosts > 1:
-            raise ValidationError(
-                f'loss="irls" supports one host, this job has {hosts}: its host-host terms need encrypted '
-                f'products of two parties\' values; use loss="taylor" with several hosts', field="loss")
+        if hosts < 1:
+            raise ValidationError("vertical training needs at least one host", field="hosts")
 
 
 # -------------------------------------------------------------------------------- row helpers
@@ -221,6 +222,11 @@ def _encode_exponents(v: np.ndarray, frac_bits: int = EXP_FRAC_BITS) -> list[int
     if not np.isfinite(v).all() or np.abs(v).max(initial=0.0) >= bound:
         raise ProtocolError("partial predictions left the fixed-point range: the model diverged; lower the learning rate")
     return [int(x) for x in np.rint(v * float(1 << frac_bits)).astype(np.int64)]
+
+
+def _encode_exponents_sq(u: np.ndarray) -> list[int]:
+    """u_i^2 at 2^-20 (|u| < 2^12 already checked, so u^2 < 2^24)."""
+    return [int(x) for x in np.rint(u * u * float(1 << EXP_FRAC_BITS)).astype(np.int64)]
 
 
 def fit_exact_lr(Xa: np.ndarray, y: np.ndarray, l2: float = 0.0, max_iter: int = 100) -> dict[str, Any]:
@@ -711,7 +717,7 @@ class GuestRole(_Party):
 
     def _row_values(self) -> tuple[np.ndarray, int]:
         if self.irls:
-            return self.X * self.s[:, None], IRLS_FRAC_BITS  # the hosts only ever need X_g^T S u_h
+            return self.X * self.s[:, None], IRLS_ROW_FRAC  # the hosts only ever need X_g^T S u_h
         return self.X, FEATURE_FRAC_BITS
 
     def start(self) -> list[Outgoing]:
@@ -824,6 +830,7 @@ class HostRole(_Party):
         self._pending: list[m._Msg] = []
         self.weights: list[Any] = []  # irls: the guest's [[s_i]], one per training row
         self.weights_complete = not self.irls
+        self.sx: list[Any] = []  # irls: [[s_i x_i]] = [[s_i]]^{pack(x_i)}, cpr per row, this host's own
 
     @property
     def out_slots(self) -> int:
@@ -842,7 +849,8 @@ class HostRole(_Party):
             out += [(self.guest, c) for c in chunks]
             for h in self.other_hosts:
                 out.append((h, self._hello()))
-                out += [(h, c) for c in chunks]
+                if not self.irls:  # irls: other hosts get [[s_i x_i]] once the guest's weights are in
+                    out += [(h, c) for c in chunks]
             pending, self._pending = self._pending, []
             for early in pending:
                 out += self.handle(early)
@@ -851,7 +859,7 @@ class HostRole(_Party):
             self._pending.append(msg)
             return []
         elif isinstance(msg, m.WeightCiphers):
-            self._on_weights(msg)
+            out += self._on_weights(msg)
         elif isinstance(msg, m.PartyHello):
             if msg.mask_seed:
                 raise ProtocolError("only a host sends a mask seed, and only to the guest")
@@ -873,7 +881,7 @@ class HostRole(_Party):
             out += self._replay_early(self._begin_training())
         return out
 
-    def _on_weights(self, msg: m.WeightCiphers) -> None:
+    def _on_weights(self, msg: m.WeightCiphers) -> list[Outgoing]:
         self._check(msg, [self.guest])
         if not self.irls or self.weights_complete or not self.peer[self.guest].hello:
             raise ProtocolError(f"weight ciphertexts from {msg.sender} out of order (loss={self.config.loss})")
@@ -884,10 +892,33 @@ class HostRole(_Party):
         if len(cs) != msg.rows:
             raise ProtocolError(f"weight chunk from {msg.sender} has {len(cs)} ciphertexts for {msg.rows} rows")
         self.weights.extend(cs)
-        if msg.final:
-            if len(self.weights) != self.n:
-                raise ProtocolError(f"{msg.sender} sent weights for {len(self.weights)} of {self.n} rows")
-            self.weights_complete = True
+        if not msg.final:
+            return []
+        if len(self.weights) != self.n:
+            raise ProtocolError(f"{msg.sender} sent weights for {len(self.weights)} of {self.n} rows")
+        self.weights_complete = True
+        self.sx = self._weighted_rows()
+        if not self.other_hosts:
+            return []
+        # Another host l needs [[X_h^T S u_l]]: it gets these rows, rerandomized (it holds the
+        # same [[s_i]] and could otherwise test guesses of x_i by recomputing [[s_i]]^{x_i}).
+        assert self.pub is not None and self.pool is not None
+        self.pool.fill(len(self.sx))
+        fresh = [pl.rerandomize(self.pub, c, self.pool) for c in self.sx]
+        chunks = self._feature_messages(fresh)
+        return [(h, c) for h in self.other_hosts for c in chunks]
+
+    def _weighted_rows(self) -> list[Any]:
+        """[[s_i x_i]] per row and slot group: the guest's [[s_i]] raised to the packed features."""
+        assert self.pub is not None
+        per = pl.slots_per_cipher(self.pub, self.slot_bits)
+        Xi = np.rint(self.X * float(1 << FEATURE_FRAC_BITS)).astype(np.int64).tolist()
+        bases, exps = [], []
+        for w, row in zip(self.weights, Xi):
+            for k in range(0, len(row), per):
+                bases.append(w)
+                exps.append(pl.pack(row[k : k + per], self.slot_bits))
+        return pl.pow_each(self.pub, bases, exps, self.executor)
 
     def _ready(self) -> bool:
         return super()._ready() and self.weights_complete
@@ -917,20 +948,27 @@ class HostRole(_Party):
         return out
 
     def _own_part(self, cur: _Batch) -> list[Any]:
-        """irls: [[X_h^T S u_h]] packed like the features, then [[sum_i s_i u_h,i^2]] in the next
-        slot, as prod_i [[s_i]]^{pack(u_i x_i, u_i^2)} (packed exponents, one pass)."""
+        """irls: [[X_h^T S u_h]] = prod_i [[s_i x_i]]^{u_i} per slot group, and [[sum_i s_i u_i^2]]
+        = prod_i [[s_i]]^{u_i^2}, shifted into the slot after the features."""
         if not self.irls:
             return []
         assert self.pub is not None
-        Xb = self.X[cur.idx]
-        uh = Xb @ cur.w_start
-        _encode_exponents(uh)  # the range check
-        scale = float(1 << EXP_FRAC_BITS)
-        vals = np.rint(np.hstack([uh[:, None] * Xb, (uh * uh)[:, None]]) * scale).astype(np.int64).tolist()
-        bases = [self.weights[int(i)] for i in cur.idx]
+        uh = self.X[cur.idx] @ cur.w_start
+        exps = _encode_exponents(uh)
+        own = []
+        for k in range(self.cpr):
+            bases = [self.sx[int(i) * self.cpr + k] for i in cur.idx]
+            own.append(pl.multi_exp(self.pub, bases, exps, self.executor))
+        q = pl.multi_exp(self.pub, [self.weights[int(i)] for i in cur.idx], _encode_exponents_sq(uh), self.executor)
         per = pl.slots_per_cipher(self.pub, self.slot_bits)
-        return [pl.multi_exp_packed(self.pub, bases, [row[k : k + per] for row in vals], self.slot_bits, self.executor)
-                for k in range(0, self.out_slots, per)]
+        f = self.X.shape[1]
+        # q is at 2^-(20+20); the slots at 2^-56: shift by 2^16 and by the slot's position
+        q = pl.mul_scalar(self.pub, q, 1 << (IRLS_REMOTE_FRAC - IRLS_FRAC_BITS - EXP_FRAC_BITS + (f % per) * self.slot_bits))
+        if f % per:
+            own[-1] = pl.add(self.pub, own[-1], q)
+        else:
+            own.append(q)
+        return own
 
     def _after_remote(self, cur: _Batch, remote: np.ndarray) -> None:
         if self.irls:
@@ -952,6 +990,7 @@ class HostRole(_Party):
         if self.irls:
             assert self.pub is not None
             extra["weights"] = pl.to_bytes(self.weights, self.pub.cipher_bytes).hex()
+            extra["sx"] = pl.to_bytes(self.sx, self.pub.cipher_bytes).hex()
         return extra
 
     def _restore_extra(self, snap: dict[str, Any]) -> None:
@@ -959,7 +998,8 @@ class HostRole(_Party):
         if self.irls:
             assert self.pub is not None
             self.weights = pl.from_bytes(bytes.fromhex(snap["weights"]), self.pub.cipher_bytes, bound=self.pub.nsquare)
-            if len(self.weights) != self.n:
+            self.sx = pl.from_bytes(bytes.fromhex(snap["sx"]), self.pub.cipher_bytes, bound=self.pub.nsquare)
+            if len(self.weights) != self.n or len(self.sx) != self.n * self.cpr:
                 raise ValidationError("snapshot holds the wrong number of weight ciphertexts")
             self.weights_complete = True
 
