@@ -20,6 +20,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -201,6 +202,23 @@ class GateCall(ConsentBase):
     allowed: Mapped[int] = mapped_column(Integer)
     denied: Mapped[dict[str, int]] = mapped_column(JSON)
     note: Mapped[str] = mapped_column(Text, default="")
+
+
+class ContactRecord(ConsentBase):
+    """One message an activation job was cleared to send (contact history): what frequency
+    caps count. Pseudonymous; deleted on erasure."""
+
+    __tablename__ = "consent_contacts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True)
+    subject_ref: Mapped[str] = mapped_column(String(REF_LEN))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    channel: Mapped[str] = mapped_column(String(16))
+    topic: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(128))
+    job_ref: Mapped[str] = mapped_column(String(128))
+
+    __table_args__ = (Index("ix_consent_contacts_subject_at", "subject_ref", "at"),)
 
 
 def ensure_tables(engine: Engine) -> None:
