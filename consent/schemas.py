@@ -259,3 +259,32 @@ class RemoteWithdrawalIn(_Model):
     purpose: str
     from_party: str = Field(min_length=1, max_length=64)
     at: dt.datetime | None = None
+
+
+# Purposes under which subjects may be contacted: `deliverable` refuses others.
+CONTACT_PURPOSE_ROOTS = ("activation", "marketing")
+
+
+class DeliverableIn(_Model):
+    """Which of these subjects may be contacted now, on this channel, about this topic."""
+
+    subjects: list[str] = Field(max_length=1_000_000)
+    purpose: str = Field(description="An activation.* or marketing.* purpose")
+    channel: ContactChannel
+    topic: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.\-]*$")
+    recipient: str | None = Field(default=None, description="Party the delivery goes through, if any")
+    at: dt.datetime | None = Field(default=None, description="Default: now")
+    record: bool = Field(default=True, description="Record a contact for each deliverable subject")
+    job_ref: str | None = Field(default=None, max_length=128, pattern=_ID, description="The campaign or job")
+
+
+class DeliverableOut(_Model):
+    purpose: str
+    channel: str
+    topic: str
+    recipient: str | None
+    at: dt.datetime
+    deliverable: list[str]
+    deliverable_count: int
+    denied_counts: dict[str, int]
+    recorded: int

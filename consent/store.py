@@ -41,6 +41,7 @@ import operator
 import queue
 import threading
 import uuid
+import zoneinfo
 from collections import Counter
 from itertools import compress
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ from confide.errors import ConfigurationError, Conflict, ValidationError
 from consent.gate import GateDecision
 from consent.models import (
     ConsentEvent,
+    ContactRecord,
     ConsentState,
     GateCall,
     Notice,
@@ -73,11 +75,14 @@ from consent.models import (
 )
 from consent.purposes import PurposeRegistry
 from consent.schemas import (
+    CONTACT_PURPOSE_ROOTS,
     MAX_BATCH,
     NEGATIVE_ACTIONS,
     AccessReport,
     ConsentEventIn,
     ConsentEventOut,
+    DeliverableIn,
+    DeliverableOut,
     NoticeIn,
     NoticeOut,
     PreferenceChangeOut,
@@ -343,6 +348,7 @@ class ConsentStore:
         audit: AuditSink | None = None,
         clock: Callable[[], dt.datetime] | None = None,
         max_batch: int = MAX_BATCH,
+        timezone: str = "Asia/Shanghai",
     ) -> None:
         if isinstance(bind, Engine):
             self.factory = db.session_factory(bind)
@@ -354,6 +360,10 @@ class ConsentStore:
         self.audit: AuditSink = audit or LoggingAuditSink()
         self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
         self.max_batch = max_batch
+        try:  # preference time windows are local times of the subjects' market
+            self.timezone = zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigurationError(f"timezone: unknown time zone {timezone!r}") from exc
         self.on_withdrawal: list[WithdrawalHook] = []
         self.on_erasure: list[ErasureHook] = []
 
@@ -718,6 +728,7 @@ class ConsentStore:
             n_prefs = session.execute(delete(Preferences).where(Preferences.subject_ref == ref)).rowcount
             session.execute(delete(PreferenceChange).where(PreferenceChange.subject_ref == ref))
             n_usage = session.execute(delete(UsageSubject).where(UsageSubject.subject_ref == ref)).rowcount
+            n_contacts = session.execute(delete(ContactRecord).where(ContactRecord.subject_ref == ref)).rowcount
             for row in _state_rows(session, ref):
                 session.delete(row)
             detail = {
@@ -725,6 +736,7 @@ class ConsentStore:
                 "subject_key_destroyed": bool(shredded),
                 "preferences_deleted": bool(n_prefs),
                 "usage_links_deleted": int(n_usage),
+                "contacts_deleted": int(n_contacts),
             }
             tomb = Tombstone(subject_ref=ref, erased_at=now, request_ref=request_ref or uuid.uuid4().hex, detail=detail)
             session.add(tomb)
@@ -792,6 +804,93 @@ class ConsentStore:
         keys = [k for k in self.purposes if self.purposes.personalised(k)]
         return [k for k in keys if not any(k.startswith(o + ".") for o in keys)]
 
+    # ------------------------------------------------------------------ delivery (preferences enforced)
+
+    def deliverable(
+        self,
+        subjects: Sequence[str],
+        purpose: str,
+        channel: str,
+        topic: str,
+        at: dt.datetime | None = None,
+        *,
+        recipient: str | None = None,
+        record: bool = True,
+        job_ref: str | None = None,
+    ) -> DeliverableOut:
+        """The subjects an activation or marketing job may contact at `at` on `channel` about
+        `topic`: those the gate allows for `purpose` (an `activation.*` or `marketing.*` key;
+        the gate call is audited as usual) whose preferences let them be reached now:
+
+        - channels: if the subject opted in to any channel, `channel` must be one of them;
+        - time windows: if any are set, `at` in the store's time zone lies in one (a window
+          whose end is before its start runs past midnight into the next day);
+        - frequency cap: fewer than `max_messages` contacts recorded in the rolling day
+          (24 h), week (7 days) or month (30 days) up to `at`;
+        - topics: if any are set, `topic` is one of them.
+
+        A subject without preferences is reachable when the gate allows it. Repeated subjects
+        count once. With `record`, one contact per deliverable subject is written to the
+        contact history in the same transaction as the audit entry (counts only); calls are
+        serialised so concurrent jobs cannot both use a subject's last allowed message.
+        Raises ValidationError naming the field for a purpose outside activation/marketing,
+        an unknown channel, a malformed topic, or what the gate refuses."""
+        self.purposes.get(purpose)
+        if purpose.split(".")[0] not in CONTACT_PURPOSE_ROOTS:
+            raise ValidationError(
+                f"purpose: contacting subjects needs an activation.* or marketing.* purpose, not {purpose!r}",
+                field="purpose",
+            )
+        body = _validate(
+            DeliverableIn,
+            {"subjects": [], "purpose": purpose, "channel": channel, "topic": topic, "recipient": recipient,
+             "at": at, "record": record, "job_ref": job_ref},
+            "deliverable",
+        )
+        at_utc = as_utc(at) or self._now()
+        distinct = list(dict.fromkeys(subjects))
+        decision = self.allowed(distinct, purpose, recipient, at_utc)
+        refs = self._keys.refs(decision.allowed)
+        local = at_utc.astimezone(self.timezone)
+        denied: Counter[str] = Counter(decision.denied_counts)
+        ok: list[str] = []
+        ok_refs: list[str] = []
+        with db.session_scope(self.factory) as session:
+            pg = session.get_bind().dialect.name == "postgresql"
+            if record:
+                _lock_contacts(session, pg)
+            prefs: dict[str, Preferences] = {}
+            for chunk in _chunks(sorted(set(refs)), _IN_CHUNK):
+                prefs.update((p.subject_ref, p) for p in session.scalars(
+                    select(Preferences).where(Preferences.subject_ref.in_(chunk))))
+            sent = _recent_contacts(session, [p for p in prefs.values() if p.frequency_cap], at_utc)
+            for subject, ref in zip(decision.allowed, refs):
+                p = prefs.get(ref)
+                reason = None if p is None else _preference_denial(p, body.channel, body.topic, local, sent.get(ref, 0))
+                if reason is None:
+                    ok.append(subject)
+                    ok_refs.append(ref)
+                else:
+                    denied[reason] += 1
+            if record and ok_refs:
+                when = _pg_ts(at_utc) if pg else _sqlite_ts(at_utc)
+                _bulk_insert(
+                    session, "consent_contacts", ("subject_ref", "at", "channel", "topic", "purpose", "job_ref"),
+                    [(r, when, body.channel, body.topic, purpose, job_ref or "") for r in ok_refs], pg,
+                )
+            counts = dict(sorted(denied.items()))
+            self.audit.append(
+                "consent.delivery",
+                {"purpose": purpose, "recipient": recipient, "channel": body.channel, "topic": body.topic,
+                 "at": at_utc.isoformat(), "job_ref": job_ref, "subjects": len(distinct), "deliverable": len(ok),
+                 "denied": counts, "recorded": len(ok_refs) if record else 0},
+                session=session,
+            )
+        return DeliverableOut(
+            purpose=purpose, channel=body.channel, topic=body.topic, recipient=recipient, at=at_utc,
+            deliverable=ok, deliverable_count=len(ok), denied_counts=counts, recorded=len(ok_refs) if record else 0,
+        )
+
     # ------------------------------------------------------------------ usage records
 
     def record_usage(
@@ -850,6 +949,63 @@ class ConsentStore:
             )
             session.flush()
             return _usage_out(row)
+
+
+# --------------------------------------------------------------------------- delivery helpers
+
+_CAP_PERIOD = {"day": dt.timedelta(days=1), "week": dt.timedelta(days=7), "month": dt.timedelta(days=30)}
+# Key of the PostgreSQL advisory lock that serialises contact recording (frequency caps).
+_PG_CONTACT_LOCK = int.from_bytes(hashlib.sha256(b"confide-consent-contacts").digest()[:8], "big", signed=True)
+
+
+def _lock_contacts(session: Session, pg: bool) -> None:
+    if pg:
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CONTACT_LOCK})
+    else:  # take SQLite's write lock now, before the counts are read
+        session.execute(text("DELETE FROM consent_contacts WHERE 0 = 1"))
+
+
+def _recent_contacts(session: Session, capped: list[Preferences], at: dt.datetime) -> dict[str, int]:
+    """Contacts recorded per subject in each capped subject's rolling cap period up to `at`."""
+    out: dict[str, int] = {}
+    by_period: dict[str, list[str]] = {}
+    for p in capped:
+        by_period.setdefault(str(p.frequency_cap["per"]), []).append(p.subject_ref)  # type: ignore[index]
+    for per, refs in by_period.items():
+        since = at - _CAP_PERIOD[per]
+        for chunk in _chunks(refs, _IN_CHUNK):
+            rows = session.execute(
+                select(ContactRecord.subject_ref, func.count())
+                .where(ContactRecord.subject_ref.in_(chunk), ContactRecord.at > since, ContactRecord.at <= at)
+                .group_by(ContactRecord.subject_ref)
+            ).all()
+            out.update((r, int(n)) for r, n in rows)
+    return out
+
+
+def _in_window(window: Mapping[str, Any], local: dt.datetime) -> bool:
+    days = set(window.get("days", range(7)))
+    start = dt.time.fromisoformat(str(window["start"]))
+    end = dt.time.fromisoformat(str(window["end"]))
+    t, day = local.time(), local.weekday()
+    if start < end:
+        return day in days and start <= t < end
+    return (day in days and t >= start) or ((day - 1) % 7 in days and t < end)
+
+
+def _preference_denial(p: Preferences, channel: str, topic: str, local: dt.datetime, sent: int) -> str | None:
+    """Why preferences `p` keep the subject from being contacted now, or None."""
+    opted_in = {c for c, on in (p.channels or {}).items() if on}
+    if p.channels and channel not in opted_in:
+        return "channel_not_allowed"
+    if p.time_windows and not any(_in_window(w, local) for w in p.time_windows):
+        return "outside_time_window"
+    cap = p.frequency_cap
+    if cap is not None and sent >= int(cap["max_messages"]):
+        return "frequency_cap"
+    if p.topics and topic not in p.topics:
+        return "topic_not_wanted"
+    return None
 
 
 # --------------------------------------------------------------------------- ingest
