@@ -36,11 +36,15 @@ def _world() -> dict:
 
 
 def _consent(net: LocalNet, party: str, subjects: dict[str, str], ok: set[str]) -> None:
+    # Matching with the other party provides it personal information (PIPL Art. 23): the notice
+    # names that party and each grant names it (a separate consent).
+    peer = "partner" if party == "brand" else "brand"
     with net.client(party) as c:
         c.post("/v1/consent/notices", {"notice": "privacy", "version": "privacy.v1",
                                        "published_at": (NOW - dt.timedelta(days=10)).isoformat(),
-                                       "purposes": [{"purpose": "audience", "data_categories": ["phone"]}]})
-        events = [{"event_id": f"{party}-{s}", "subject": s, "purpose": "audience",
+                                       "purposes": [{"purpose": "audience", "recipients": [peer],
+                                                     "data_categories": ["phone"]}]})
+        events = [{"event_id": f"{party}-{s}", "subject": s, "purpose": "audience", "recipient": peer,
                    "action": "granted" if s in ok else "refused", "channel": "app", "notice_version": "privacy.v1",
                    "valid_from": (NOW - dt.timedelta(days=1)).isoformat()} for s in subjects]
         assert c.post("/v1/consent/events/batch", {"events": events})["recorded"] == len(events)
