@@ -1,7 +1,7 @@
 """`confide train`: vertical federated training.
 
     confide train local --guest G.csv --host H.csv [--host H2.csv] --id id --label y
-                        [--test-fraction 0.2] [--seed 42] [--json]
+                        [--test-fraction 0.2] [--seed 42] [--loss irls|taylor] [--json]
 
 A thin shell over `federated.local.run_local`; errors are ConfideErrors and map to exit codes.
 """
@@ -32,7 +32,8 @@ def local(
     key_bits: int = typer.Option(2048, "--key-bits", help="Paillier key size (>= 2048)"),
     batch_size: int = typer.Option(4096, "--batch-size", help="Rows per mini-batch (0: full batch)"),
     max_epochs: int = typer.Option(30, "--max-epochs"),
-    learning_rate: float = typer.Option(0.3, "--learning-rate"),
+    loss: str = typer.Option("irls", "--loss", help="irls (second order at the guest's own LR) or taylor (FATE)"),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", help="default: 1.0 for irls, 0.3 for taylor"),
     l2: float = typer.Option(0.0, "--l2", help="L2 penalty"),
     tol: float = typer.Option(1e-4, "--tol", help="Early stopping: minimum loss change per epoch"),
     k_min: int = typer.Option(50, "--k-min", help="Minimum rows per batch and in total"),
@@ -45,7 +46,7 @@ def local(
     from federated.roles import TrainConfig
 
     try:
-        cfg = TrainConfig(key_bits=key_bits, batch_size=batch_size, max_epochs=max_epochs,
+        cfg = TrainConfig(key_bits=key_bits, batch_size=batch_size, max_epochs=max_epochs, loss=loss,
                           learning_rate=learning_rate, l2=l2, tol=tol, k_min=k_min, seed=seed)
         report = run_local(guest, host, id_col=id_col, label=label, test_fraction=test_fraction, seed=seed,
                            config=cfg, workers=workers)
@@ -65,6 +66,7 @@ def local(
     for k in ("auc", "ks", "pr_auc", "lift_top_decile", "brier", "ece"):
         t.add_row(k, f"{report[k]:.4f}", f"{report['guest_only'][k]:.4f}")
     t.add_row("auc, guest alone with exact LR", "", f"{report['guest_only_exact_lr_auc']:.4f}")
+    t.add_row("loss", report["loss"], "")
     Console().print(t)
     Console().print(
         f"{report['epochs']} epochs ({report['stop_reason']}), {report['seconds_per_epoch']:.2f} s/epoch, "

@@ -218,7 +218,7 @@ def _run_party(kind: str, name: str, spec: dict[str, Any], wire: _Wire) -> dict[
         share = R.score_share(job_id=job, sender=name, request_id=EVAL_REQUEST, partial=R.host_partial(role.model(), X[test]),
                               mask_seeds=[role.mask_seed], role="host")
         wire.send([(ARBITER, share)])
-        return {"features": len(names), "bytes_sent": wire.bytes_sent}
+        return {"features": len(names), "bytes_sent": wire.bytes_sent, "timings": role.timings}
     seeds = [role.peer[h].mask_seed for h in hosts]
     share = R.score_share(job_id=job, sender=name, request_id=EVAL_REQUEST, partial=R.guest_partial(role.model(), X[test]),
                           mask_seeds=seeds, role="guest")
@@ -234,8 +234,9 @@ def _run_party(kind: str, name: str, spec: dict[str, Any], wire: _Wire) -> dict[
     gonly_scores = 1.0 / (1.0 + np.exp(-R.guest_partial(gonly, X[test])))
     federated = evaluate(y[test], scores)
     baseline = evaluate(y[test], gonly_scores)
-    # What the brand could do alone with exact logistic regression: the Taylor loss costs a
-    # guest-only model more than the joint one, so "trained the same way" flatters the partner.
+    # What the brand could do alone with exact logistic regression (scikit-learn): with the
+    # Taylor loss, "trained the same way" costs the guest-only model more than the joint one and
+    # flatters the partner; with irls the guest-only model is this LR (up to the solver).
     from sklearn.linear_model import LogisticRegression
 
     exact = LogisticRegression(max_iter=2000).fit(X[train], y[train])
@@ -247,8 +248,8 @@ def _run_party(kind: str, name: str, spec: dict[str, Any], wire: _Wire) -> dict[
         "calibration": federated["calibration"],
         "guest_only_auc": baseline["auc"], "guest_only": {k: v for k, v in baseline.items() if k != "calibration"},
         "guest_only_exact_lr_auc": exact_auc, "guest_only_epochs": gonly["epochs"], "guest_only_seconds": time.perf_counter() - t1,
-        "epochs": len(role.losses), "losses": role.losses, "stop_reason": role.stop_reason,
-        "setup_seconds": role.timings["setup_s"], "seconds_per_epoch": float(np.mean(epoch_s)) if epoch_s else 0.0,
+        "loss": cfg.loss, "epochs": len(role.losses), "losses": role.losses, "stop_reason": role.stop_reason,
+        "setup_seconds": role.timings["setup_s"], "guest_encrypt_seconds": role.timings.get("encrypt_s", 0.0), "seconds_per_epoch": float(np.mean(epoch_s)) if epoch_s else 0.0,
         "epoch_seconds": epoch_s, "train_seconds": train_s, "key_bits": cfg.key_bits,
         "train_rows": int(len(train)), "test_rows": int(len(test)), "guest_features": len(names),
         "batches_per_epoch": len(role.batches), "guest_bytes_sent": wire.bytes_sent,
@@ -320,5 +321,6 @@ def run_local(guest: Path, hosts: Sequence[Path], *, id_col: str, label: str, te
     report["wall_seconds"] = time.perf_counter() - t0
     report["hosts"] = len(hosts)
     report["arbiter_decrypted_values"] = results[ARBITER]["decrypted_values"]
+    report["host_timings"] = [results[h]["timings"] for h in host_names]
     report["matched_rows"] = len(ids)
     return report

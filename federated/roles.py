@@ -395,9 +395,13 @@ class _Party:
                 plains.append(pl.pack(row[k : k + per], self.slot_bits))
         plains += [int(v) for v in extra]
         assert self.pool is not None
+        t0 = time.perf_counter()
         if len(self.pool) >= len(plains):  # obfuscators computed ahead: encryption is two multiplications
-            return pl.encrypt(self.pub, plains, self.pool)
-        return pl.encrypt_parallel(self.pub, plains, self.executor)
+            out = pl.encrypt(self.pub, plains, self.pool)
+        else:
+            out = pl.encrypt_parallel(self.pub, plains, self.executor)
+        self.timings["encrypt_s"], self.timings["encrypted"] = time.perf_counter() - t0, len(plains)
+        return out
 
     def _feature_messages(self, ciphers: list[Any], cls: type = m.FeatureCiphers, per_row: int = 0) -> list[Any]:
         assert self.pub is not None
@@ -897,7 +901,9 @@ class HostRole(_Party):
         if len(self.weights) != self.n:
             raise ProtocolError(f"{msg.sender} sent weights for {len(self.weights)} of {self.n} rows")
         self.weights_complete = True
+        t0 = time.perf_counter()
         self.sx = self._weighted_rows()
+        self.timings["weighted_rows_s"] = time.perf_counter() - t0
         if not self.other_hosts:
             return []
         # Another host l needs [[X_h^T S u_l]]: it gets these rows, rerandomized (it holds the
