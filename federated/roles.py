@@ -10,28 +10,37 @@ driven by
 and raises ProtocolError for a message of another job, version, sender or round. Messages go
 party-to-party over the end-to-end encrypted relay; the arbiter never sees party-to-party ones.
 
-Protocol (Taylor loss around 0: sigma(u) ~ 0.5 + u/4, so the residual is linear in the
-partial predictions; u = u_guest + sum_k u_host_k, y in {0,1}):
+Two losses (`TrainConfig.loss`), both with residuals linear in the partial predictions
+(u = u_guest + sum_k u_host_k, y in {0,1}):
 
-    d_i = 0.25 u_i + 0.5 - y_i = dg_i + 0.25 sum_k uh_ki,   dg = 0.25 u_guest + 0.5 - y
+- "taylor" (FATE): sigma(u) ~ 0.5 + u/4 at 0,
+      d_i = 0.25 u_i + 0.5 - y_i = dg_i + 0.25 sum_k uh_ki,   dg = 0.25 u_guest + 0.5 - y
+- "irls" (default): the logistic loss expanded to second order at the guest's own exact-LR
+  logits a_i (p = sigma(a), s = p (1 - p)); training starts at that LR (host weights 0),
+      loss_i = l(a_i) + (p_i - y_i)(u_i - a_i) + s_i/2 (u_i - a_i)^2
+      d_i    = c_i + s_i sum_k uh_ki,   c = p - y + s (u_guest - a)   (guest only)
 
-- Setup, once per job: the arbiter sends its public key; every guest/host encrypts its own
-  training rows' features (fixed-point, one row packed into one ciphertext; the guest's include
-  the intercept column) and sends them to the other parties (`FeatureCiphers`).
+- Setup, once per job: the arbiter sends its public key; every party encrypts its training
+  rows (fixed-point, one row packed into one ciphertext) and sends them to the others
+  (`FeatureCiphers`): taylor: features x (the guest's include the intercept column); irls: the
+  guest sends x_g s and [[s_i]] (`WeightCiphers`), a host sends the guest its x_h, computes
+  [[s_i x_h,i]] = [[s_i]]^{pack(x_h,i)} for itself and sends those, rerandomized, to other hosts.
 - Per mini-batch, with X_p the batch rows of party p:
-  * host k: uh_k = X_k w_k; sends the guest [[X_g^T (0.25 uh_k)]] (multi-exponentiation of the
-    guest's row ciphertexts by its own plaintext partials, rerandomized), and every other host l
-    [[X_l^T (0.25 uh_k)]];
-  * guest: sends each host k [[X_k^T dg]] the same way;
+  * host k: uh_k = X_k w_k; sends the guest [[X_g^T (0.25 uh_k)]] (taylor; irls: [[X_g^T S uh_k]])
+    by multi-exponentiation of the guest's row ciphertexts by its own plaintext partials,
+    rerandomized, and every other host l [[X_l^T (0.25 uh_k)]] (irls: [[X_l^T S uh_k]]);
+  * guest: sends each host k [[X_k^T dg]] (irls: [[X_k^T c]]) the same way;
+  * irls host k adds [[X_k^T S uh_k]] from its [[s x]] rows and [[sum_i s_i uh_ki^2]] from [[s]];
   * each party multiplies what it received, adds a uniform mask mod n, has the arbiter decrypt
     (`DecryptRequest`/`DecryptReply`), removes the mask, adds its plaintext part and updates:
-        guest:  X_g^T d = X_g^T dg + sum_k X_g^T(0.25 uh_k)
-        host k: X_k^T d = X_k^T(0.25 uh_k) + X_k^T(dg + 0.25 sum_{l!=k} uh_l)
-- Per epoch: each party sends a share of the summed Taylor loss
-        sum_i log2 + (0.5-y_i) u_i + u_i^2/8
-      = [guest: sum log2 + (0.5-y)ug + ug^2/8] + sum_k [host k: w_k . X_k^T dg + |uh_k|^2/8]
+        guest:  X_g^T d = X_g^T dg + sum_k X_g^T(0.25 uh_k)        (irls: X_g^T c + sum_k X_g^T S uh_k)
+        host k: X_k^T d = X_k^T(0.25 uh_k) + X_k^T(dg + 0.25 sum_{l!=k} uh_l)   (irls: all remote)
+- Per epoch: each party sends a share of the summed loss
+      taylor: [guest: sum log2 + (0.5-y)ug + ug^2/8] + sum_k [host k: w_k . X_k^T dg + |uh_k|^2/8]
+      irls:   [guest: sum l(a) + (p-y) r + s r^2/2, r = ug - a] + sum_k [host k: w_k . X_k^T d - q_k/2]
   masked pairwise (host k's mask seed is shared with the guest only); the arbiter adds them,
-  decides early stopping and tells everyone (`EpochDone`).
+  decides early stopping and tells everyone (`EpochDone`). With several hosts both count the
+  host-host cross terms twice (docs/vfl.md §5).
 
 So per batch: one party-to-party exchange and one arbiter round trip per party, a few
 ciphertexts per message; per epoch one loss round. Per-row values only ever travel encrypted
