@@ -63,6 +63,10 @@ class NodeSettings(ServiceSettings):
     test_step_delay_s: float = Field(
         default=0.0, ge=0, description="TEST ONLY: sleep this long inside each job step (used by crash tests)"
     )
+    mandate_max_age_s: float = Field(
+        default=86_400.0, gt=0,
+        description="Refuse a job whose requester's mandate is older than this when the node first sees it",
+    )
 
     def endpoint(self) -> str:
         if self.public_url:

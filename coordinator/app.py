@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from confide import __version__, pki
+from confide import mandate as job_mandate
 from confide.auth import H_SENDER, Peer, RequestVerifier
 from confide.db import make_engine, session_factory, session_scope
 from confide.errors import AuthenticationError, PermissionDenied, ValidationError
@@ -185,7 +186,10 @@ def create_app(
     @app.post("/v1/jobs", response_model=JobOut, status_code=201)
     def create_job(body: CreateJobRequest, peer: Peer = Depends(PARTY)) -> Any:
         with session_scope(coord.factory) as s:
-            job = service.create_job(s, peer.name, body.type, body.agreement_id, body.version, body.params)
+            resolved = coord._resolve(peer.name)
+            signed = job_mandate.verify(body.mandate, resolved[0] if resolved else None, peer.name)
+            job = service.create_job(s, peer.name, body.type, body.agreement_id, body.version, body.params,
+                                     mandate=signed, mandate_doc=body.mandate)
             s.flush()
             s.refresh(job)
             out = job_out(job)

@@ -142,7 +142,8 @@ class Orchestrator:
                       _aware(st.last_contact_at) or _aware(st.dispatched_at) or _aware(job.started_at))
                      for st in job.steps]
             job_info = {"job_id": job.id, "job_type": job.type, "requester": job.requester,
-                        "params": job.params, "agreement": signed.model_dump(mode="json")}
+                        "params": job.params, "agreement": signed.model_dump(mode="json"),
+                        "mandate": job.mandate}
         if started is not None and hasattr(started[0], "on_start") and self.coordinator is not None:
             started[0].on_start(self.coordinator, started[1], started[2], started[3])
         open_stages = sorted({stage for _, stage, _, _, status, _, _ in steps if status != "succeeded"})

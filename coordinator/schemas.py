@@ -44,6 +44,10 @@ class CreateJobRequest(BaseModel):
     agreement_id: str
     version: int | None = Field(default=None, description="Default: the active version")
     params: dict[str, Any] = Field(default_factory=dict)
+    mandate: dict[str, Any] | None = Field(
+        default=None,
+        description="The requester's signed job mandate (confide/mandate.py); required. The job takes its id.",
+    )
 
 
 class StepOut(BaseModel):

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from confide import agreements as ag
+from confide import mandate as job_mandate
 from confide import pki
 from confide.errors import AgreementError, Conflict, NotFound, PermissionDenied, ValidationError
 from confide.pki import Identity
@@ -166,8 +167,29 @@ def add_signature(
 # --- jobs -------------------------------------------------------------------------------
 
 
-def create_job(session: Session, requester: str, type_: str, agreement_id: str, version: int | None, params: dict) -> Job:
-    """Create a pending job against an active agreement version the requester is party to."""
+def create_job(
+    session: Session,
+    requester: str,
+    type_: str,
+    agreement_id: str,
+    version: int | None,
+    params: dict,
+    *,
+    mandate: "job_mandate.Mandate",
+    mandate_doc: dict[str, Any] | None,
+) -> Job:
+    """Create a pending job against an active agreement version the requester is party to.
+
+    `mandate` is the requester's signature on exactly this job (already verified against the
+    requester's registered key); the job takes the mandate's id, and the request's fields must
+    be the mandate's."""
+    job_mandate.check_matches(mandate, requester=requester, agreement_id=agreement_id,
+                              version=mandate.version if version is None else version, type_=type_)
+    if params != mandate.params:
+        raise PermissionDenied(f"job {mandate.job_id}: params differ from the requester's mandate")
+    if session.get(Job, mandate.job_id) is not None:
+        raise Conflict(f"job {mandate.job_id} exists already: a mandate starts one job")
+    version = mandate.version
     av = get_version(session, agreement_id, version)
     if av.status != "active":
         raise AgreementError(f"agreement {agreement_id} v{av.version} is {av.status}, not active")
@@ -180,13 +202,14 @@ def create_job(session: Session, requester: str, type_: str, agreement_id: str, 
         raise PermissionDenied(f"only {rule.requester!r} may request {type_!r} jobs under {agreement_id}")
     clean = job_type(type_).validate_params(spec, params)
     job = Job(
-        id=str(uuid.uuid4()),
+        id=mandate.job_id,
         type=type_,
         agreement_id=agreement_id,
         version=av.version,
         requester=requester,
         params=clean,
         status="pending",
+        mandate=mandate_doc,
     )
     session.add(job)
     record(session, "job.created", requester, job_id=job.id, type=type_, agreement_id=agreement_id, version=av.version)

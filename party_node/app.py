@@ -38,6 +38,7 @@ class StepRequest(BaseModel):
     attempt: int = Field(default=1, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
     agreement: dict[str, Any]
+    mandate: dict[str, Any] | None = Field(default=None, description="The requester's signed job mandate (required)")
 
 
 class SignBody(BaseModel):
@@ -131,8 +132,7 @@ def create_app(
 
     @app.post("/v1/admin/jobs")
     def create_job(body: JobBody, peer: Peer = Depends(OPERATOR)) -> Any:
-        with node.coordinator() as c:
-            return c.post("/v1/jobs", body.model_dump())
+        return node.create_job(body.type, body.agreement_id, body.version, body.params)
 
     @app.get("/v1/admin/jobs/{job_id}")
     def get_job(job_id: str, peer: Peer = Depends(OPERATOR)) -> Any:

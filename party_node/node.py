@@ -20,7 +20,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from confide import agreements as ag
+from confide import mandate as job_mandate
 from confide import pki
+from confide.canonical import canonical_json
 from confide.auth import RequestVerifier
 from confide.db import make_engine, session_factory, session_scope
 from confide.errors import AgreementError, ConfideError, Conflict, NotFound, PermissionDenied, ValidationError
@@ -236,6 +238,50 @@ class Node:
                 rec.activated_seen_at = utcnow()
         return doc
 
+    def check_mandate(self, data: object, job_id: str, job_type: str, requester: str,
+                      doc: ag.SignedAgreement, params: dict[str, Any]) -> None:
+        """The requester itself, not only the coordinator, must have asked for exactly this job:
+        its signed mandate names this job id, agreement version and type, and the job's
+        parameters are what validating the mandate's parameters gives. A mandate is fresh when
+        the node first sees its job (re-dispatched steps of a known job are resumes)."""
+        from coordinator.jobtypes import job_type as job_type_of
+
+        m = job_mandate.verify(data, self.verified_keys([requester]).get(requester), requester)
+        job_mandate.check_matches(m, requester=requester, agreement_id=doc.agreement_id,
+                                  version=doc.version, type_=job_type)
+        if m.job_id != job_id:
+            raise PermissionDenied(f"the mandate is for job {m.job_id}, not {job_id}")
+        if canonical_json(job_type_of(job_type).validate_params(doc.spec, dict(m.params))) != canonical_json(params):
+            raise PermissionDenied(f"job {job_id}: parameters differ from the requester's mandate")
+        with session_scope(self.factory) as s:
+            known = s.scalars(select(StepRecord.step).where(StepRecord.job_id == job_id)).first() is not None
+        if not known:
+            age = (utcnow() - m.issued_at).total_seconds()
+            if age > self.settings.mandate_max_age_s:
+                raise PermissionDenied(f"the mandate of job {job_id} was issued {age:.0f} s ago; "
+                                       f"this node accepts mandates up to {self.settings.mandate_max_age_s:.0f} s old")
+            if age < -300:
+                raise PermissionDenied(f"the mandate of job {job_id} is dated in the future")
+
+    def create_job(self, type_: str, agreement_id: str, version: int | None, params: dict[str, Any]) -> Any:
+        """Ask the coordinator for a job, with this node's signed mandate for it (the active
+        agreement version unless one is named)."""
+        if version is None:
+            with self.coordinator() as c:
+                docs = c.get("/v1/agreements")
+            active = [d["version"] for d in docs if d["agreement_id"] == agreement_id and d["status"] == "active"]
+            if not active:
+                raise NotFound(f"agreement {agreement_id!r} has no active version")
+            version = max(active)
+        signed = job_mandate.issue(self.identity.signing_key, requester=self.identity.name,
+                                   agreement_id=agreement_id, version=version, type_=type_, params=params)
+        body = {"type": type_, "agreement_id": agreement_id, "version": version, "params": params, "mandate": signed}
+        with self.coordinator() as c:
+            out = c.post("/v1/jobs", body)
+        self.audit.append("job.requested", {"job_id": signed["mandate"]["job_id"], "job_type": type_,
+                                             "agreement_id": agreement_id, "version": version})
+        return out
+
     # -- job steps ---------------------------------------------------------------------------------
     def _recover(self) -> None:
         """After a restart, steps that were running are marked interrupted; the coordinator re-runs them."""
@@ -250,6 +296,7 @@ class Node:
         requester, params = body["requester"], body.get("params") or {}
         try:
             doc = self.check_agreement(body["agreement"], job_type, requester)
+            self.check_mandate(body.get("mandate"), job_id, job_type, requester, doc, params)
             run = executor_for(job_type)
         except ConfideError as exc:
             self.audit.append("step.refused", {"job_id": job_id, "step": step, "job_type": job_type,

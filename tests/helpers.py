@@ -47,3 +47,14 @@ def spec(
         "expires_at": (dt.datetime.now(dt.timezone.utc) + expires_in).isoformat(),
         **extra,
     }
+
+
+def job_request(pki_dir: Path, party: str, type_: str, agreement_id: str = "coffee-2026", version: int = 1,
+                params: dict[str, Any] | None = None, **mandate_kw: Any) -> dict[str, Any]:
+    """A `POST /v1/jobs` body carrying `party`'s signed mandate for it (what a node sends)."""
+    from confide import mandate
+
+    ident = pki.load_identity(pki_dir / party)
+    m = mandate.issue(ident.signing_key, requester=party, agreement_id=agreement_id, version=version,
+                      type_=type_, params=params or {}, **mandate_kw)
+    return {"type": type_, "agreement_id": agreement_id, "version": version, "params": params or {}, "mandate": m}

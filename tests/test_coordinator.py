@@ -14,7 +14,7 @@ from confide import pki
 from confide.errors import AgreementError, AuthenticationError, Conflict, NotFound, PermissionDenied, ValidationError
 from confide.settings import CoordinatorSettings
 from coordinator.app import create_app
-from tests.helpers import inprocess_client, spec
+from tests.helpers import inprocess_client, job_request, spec
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -89,11 +89,10 @@ def test_agreement_becomes_active_only_when_all_signed(coord, pki_dir: Path) -> 
     after_brand = sign(coord, pki_dir, "brand", doc)
     assert after_brand["status"] == "proposed" and after_brand["coordinator_signature"] is None
     # A job cannot run on an agreement that is not fully signed.
-    with pytest.raises(NotFound, match="no an active version|has no an active version|active version"):
-        client(coord, pki_dir, "brand").post("/v1/jobs", {"type": "dataset-stats", "agreement_id": "coffee-2026"})
+    with pytest.raises(NotFound, match="version 2|v2|not found"):
+        client(coord, pki_dir, "brand").post("/v1/jobs", job_request(pki_dir, "brand", "dataset-stats", version=2))
     with pytest.raises(AgreementError, match="is proposed, not active"):
-        client(coord, pki_dir, "brand").post("/v1/jobs", {"type": "dataset-stats", "agreement_id": "coffee-2026",
-                                                         "version": 1})
+        client(coord, pki_dir, "brand").post("/v1/jobs", job_request(pki_dir, "brand", "dataset-stats"))
     done = sign(coord, pki_dir, "partner", doc)
     assert done["status"] == "active"
     keys = {n: pki.load_identity(pki_dir / n).public_key for n in ("brand", "partner", "coordinator")}
@@ -123,15 +122,14 @@ def test_any_change_is_a_new_version_needing_all_signatures(coord, pki_dir: Path
     assert (v2["version"], v2["status"]) == (2, "proposed")
     assert v2["digest"] != v1["digest"]
     # v1 stays in force until v2 is fully signed; then v1 is superseded.
-    job = client(coord, pki_dir, "brand").post("/v1/jobs", {"type": "dataset-stats", "agreement_id": "coffee-2026"})
+    job = client(coord, pki_dir, "brand").post("/v1/jobs", job_request(pki_dir, "brand", "dataset-stats"))
     assert job["version"] == 1
     sign(coord, pki_dir, "brand", v2)
     sign(coord, pki_dir, "partner", v2)
     v1_now = client(coord, pki_dir, "brand").get("/v1/agreements/coffee-2026/versions/1")
     assert v1_now["status"] == "superseded"
     with pytest.raises(AgreementError, match="superseded, not active"):
-        client(coord, pki_dir, "brand").post("/v1/jobs", {"type": "dataset-stats", "agreement_id": "coffee-2026",
-                                                         "version": 1})
+        client(coord, pki_dir, "brand").post("/v1/jobs", job_request(pki_dir, "brand", "dataset-stats"))
 
 
 def test_only_brands_propose_and_only_parties_see(coord, pki_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -149,12 +147,12 @@ def test_job_rules(coord, pki_dir: Path) -> None:  # type: ignore[no-untyped-def
     active_agreement(coord, pki_dir)
     c = client(coord, pki_dir, "brand")
     with pytest.raises(AgreementError, match="does not allow 'match'"):
-        c.post("/v1/jobs", {"type": "match", "agreement_id": "coffee-2026"})
+        c.post("/v1/jobs", job_request(pki_dir, "brand", "match"))
     with pytest.raises(AgreementError, match="does not allow 'exfiltrate'"):
-        c.post("/v1/jobs", {"type": "exfiltrate", "agreement_id": "coffee-2026"})
+        c.post("/v1/jobs", job_request(pki_dir, "brand", "exfiltrate"))
     with pytest.raises(ValidationError, match="takes no parameters"):
-        c.post("/v1/jobs", {"type": "dataset-stats", "agreement_id": "coffee-2026", "params": {"rows": True}})
-    job = c.post("/v1/jobs", {"type": "dataset-stats", "agreement_id": "coffee-2026"})
+        c.post("/v1/jobs", job_request(pki_dir, "brand", "dataset-stats", params={"rows": True}))
+    job = c.post("/v1/jobs", job_request(pki_dir, "brand", "dataset-stats"))
     assert job["status"] == "pending"
     register(coord, pki_dir, "partner2")
     with pytest.raises(NotFound):
@@ -163,6 +161,48 @@ def test_job_rules(coord, pki_dir: Path) -> None:  # type: ignore[no-untyped-def
     assert cancelled["status"] == "cancelled"
     with pytest.raises(Conflict, match="already cancelled"):
         c.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+def test_jobs_need_the_requesters_own_mandate(coord, pki_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """The coordinator creates a job only from the requester's signature on exactly that job,
+    keeps the mandate with the job, and runs one mandate as one job."""
+    active_agreement(coord, pki_dir)
+    c = client(coord, pki_dir, "brand")
+    body = job_request(pki_dir, "brand", "dataset-stats")
+    with pytest.raises(ValidationError, match="signed mandate"):
+        c.post("/v1/jobs", {k: v for k, v in body.items() if k != "mandate"})
+    # signed with the partner's key but claiming the brand asked
+    forged = job_request(pki_dir, "partner", "dataset-stats")
+    forged["mandate"]["mandate"]["requester"] = "brand"
+    with pytest.raises(PermissionDenied, match="not signed by 'brand'"):
+        c.post("/v1/jobs", dict(body, mandate=forged["mandate"]))
+    # the partner's genuine mandate presented by the brand
+    with pytest.raises(PermissionDenied, match="requester 'brand' differs"):
+        c.post("/v1/jobs", dict(body, mandate=job_request(pki_dir, "partner", "dataset-stats")["mandate"]))
+    # parameters or type other than the signed ones
+    with pytest.raises(PermissionDenied, match="params differ"):
+        c.post("/v1/jobs", dict(body, params={"rows": True}))
+    with pytest.raises(PermissionDenied, match="type 'overlap' differs"):
+        c.post("/v1/jobs", dict(body, type="overlap"))
+    # a signature over altered content
+    altered = job_request(pki_dir, "brand", "dataset-stats")
+    altered["mandate"]["mandate"]["params"] = {"rows": True}
+    with pytest.raises(PermissionDenied, match="not signed by 'brand'"):
+        c.post("/v1/jobs", dict(altered, params={"rows": True}))
+    with pytest.raises(ValidationError, match="mandate.mandate.job_id"):
+        bad = job_request(pki_dir, "brand", "dataset-stats")
+        bad["mandate"]["mandate"]["job_id"] = "job-1"
+        c.post("/v1/jobs", bad)
+    job = c.post("/v1/jobs", body)
+    assert job["id"] == body["mandate"]["mandate"]["job_id"]
+    with pytest.raises(Conflict, match="a mandate starts one job"):
+        c.post("/v1/jobs", body)
+    app, _ = coord
+    from confide.db import session_scope
+    from coordinator.storage.models import Job
+
+    with session_scope(app.state.coordinator.factory) as s:
+        assert s.get(Job, job["id"]).mandate == body["mandate"]
 
 
 def test_bad_bodies_get_clear_400s(coord, pki_dir: Path) -> None:  # type: ignore[no-untyped-def]

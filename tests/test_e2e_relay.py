@@ -11,7 +11,7 @@ from confide import e2e, pki
 from confide.errors import Conflict, NotFound, PermissionDenied, ProtocolError
 from confide.settings import CoordinatorSettings
 from coordinator.app import create_app
-from tests.helpers import inprocess_client
+from tests.helpers import inprocess_client, job_request
 from tests.test_coordinator import active_agreement
 
 
@@ -62,7 +62,7 @@ def test_coordinator_relay_rules(pki_dir: Path, tmp_path: Path) -> None:
         active_agreement(coord, pki_dir)
         brand = inprocess_client(app, tc, pki_dir, "brand", "coordinator")
         partner = inprocess_client(app, tc, pki_dir, "partner", "coordinator")
-        job = brand.post("/v1/jobs", {"type": "dataset-stats", "agreement_id": "coffee-2026"})
+        job = brand.post("/v1/jobs", job_request(pki_dir, "brand", "dataset-stats"))
         env = _seal(_ids(pki_dir))
         path = f"/v1/relay/{job['id']}/psi/partner/0"
         assert brand.request("PUT", path, content=env, content_type="application/octet-stream") == {"bytes": len(env)}

@@ -10,14 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
 
 from confide import agreements as ag
 from confide import pki
-from confide.errors import AgreementError, AuthenticationError
+from confide.errors import AgreementError, AuthenticationError, PermissionDenied, ValidationError
 from confide.localnet import LocalNet
 from tests.helpers import spec
 
@@ -166,9 +166,18 @@ def test_operator_routes_need_the_nodes_own_identity(net: LocalNet, active: dict
     assert getattr(err.value, "status_code", None) in (401, 403)
 
 
-def _step(doc: dict, job_id: str = "00000000-0000-0000-0000-000000000001") -> dict:
+def _mandate(pki_dir: Path, doc: dict, job_id: str, signer: str = "brand", **kw: Any) -> dict:
+    from confide import mandate
+
+    return mandate.issue(pki.load_identity(pki_dir / signer).signing_key, requester="brand",
+                         agreement_id=doc["agreement_id"], version=doc["version"], type_="dataset-stats",
+                         job_id=job_id, **kw)
+
+
+def _step(net: LocalNet, doc: dict, job_id: str = "00000000-0000-0000-0000-000000000001") -> dict:
+    """A step as the coordinator dispatches it, with the brand's genuine mandate."""
     return {"job_id": job_id, "step": "stats@brand", "job_type": "dataset-stats", "requester": "brand",
-            "attempt": 1, "params": {}, "agreement": doc}
+            "attempt": 1, "params": {}, "agreement": doc, "mandate": _mandate(net.pki_dir, doc, job_id)}
 
 
 def test_node_refuses_steps_outside_a_signed_agreement(net: LocalNet, active: dict) -> None:
@@ -177,23 +186,45 @@ def test_node_refuses_steps_outside_a_signed_agreement(net: LocalNet, active: di
         # unsigned by the partner
         unsigned = dict(active, signatures={"brand": active["signatures"]["brand"]})
         with pytest.raises(AgreementError, match="not signed by 'partner'"):
-            c.post("/v1/steps", _step(unsigned))
+            c.post("/v1/steps", _step(net, unsigned))
         # tampered content (k_min lowered after signing)
         tampered = json.loads(json.dumps(active))
         tampered["spec"]["k_min"] = 1
         with pytest.raises(AgreementError, match="never signed|tampered"):
-            c.post("/v1/steps", _step(tampered))
+            c.post("/v1/steps", _step(net, tampered))
         # a job type the agreement does not allow
         with pytest.raises(AgreementError, match="does not allow 'match'"):
-            c.post("/v1/steps", dict(_step(active), job_type="match"))
+            c.post("/v1/steps", dict(_step(net, active), job_type="match"))
         # a requester that is not a party
         with pytest.raises(AgreementError, match="not a party"):
-            c.post("/v1/steps", dict(_step(active), requester="mallory"))
+            c.post("/v1/steps", dict(_step(net, active), requester="mallory"))
     # and a party's identity cannot call coordinator-only routes
     with net.client("brand", as_party="partner") as c:
         with pytest.raises(Exception) as err:
-            c.post("/v1/steps", _step(active))
+            c.post("/v1/steps", _step(net, active))
         assert getattr(err.value, "status_code", None) == 403
+
+
+def test_node_runs_only_what_the_requester_mandated(net: LocalNet, active: dict) -> None:
+    """The coordinator's identity is not enough: a node runs a step only with the requester's own
+    signature on that job id, agreement version, type and parameters, issued recently."""
+    job = "00000000-0000-4000-8000-00000000b001"
+    step = _step(net, active, job_id=job)
+    with net.client("brand", as_party="coordinator") as c:
+        with pytest.raises(ValidationError, match="signed mandate"):
+            c.post("/v1/steps", {k: v for k, v in step.items() if k != "mandate"})
+        with pytest.raises(PermissionDenied, match="not signed by 'brand'"):
+            c.post("/v1/steps", dict(step, mandate=_mandate(net.pki_dir, active, job, signer="partner")))
+        with pytest.raises(PermissionDenied, match="mandate is for job"):
+            c.post("/v1/steps", dict(step, job_id="00000000-0000-4000-8000-00000000b002"))
+        with pytest.raises(PermissionDenied, match="parameters differ"):
+            c.post("/v1/steps", dict(step, params={"rows": True}))
+        with pytest.raises(PermissionDenied, match="issued .* s ago"):
+            old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)
+            c.post("/v1/steps", dict(step, mandate=_mandate(net.pki_dir, active, job, at=old)))
+        assert c.post("/v1/steps", step)["status"] in ("running", "succeeded")
+    log = net.tail("brand", 400)
+    assert "parameters differ from the requester's mandate" in log
 
 
 def test_node_refuses_expired_agreement(net: LocalNet, active: dict) -> None:
@@ -208,7 +239,7 @@ def test_node_refuses_expired_agreement(net: LocalNet, active: dict) -> None:
     time.sleep(max(0.0, ag.SignedAgreement.model_validate(doc).spec.expires_at.timestamp() - time.time()) + 0.5)
     with net.client("brand", as_party="coordinator") as c:
         with pytest.raises(AgreementError, match="expired"):
-            c.post("/v1/steps", _step(doc))
+            c.post("/v1/steps", _step(net, doc))
     with net.client("brand") as c:
         with pytest.raises(AgreementError, match="expired"):
             c.post("/v1/admin/jobs", {"type": "dataset-stats", "agreement_id": "short-lived"})
@@ -269,10 +300,10 @@ def test_node_refuses_superseded_version(net: LocalNet, active: dict) -> None:
             docs[d["version"]] = c.post(f"/v1/admin/agreements/supersede-me/versions/{d['version']}/sign", {})
     assert docs[1]["status"] == "active" and docs[2]["status"] == "active"
     with net.client("brand", as_party="coordinator") as c:
-        ok = c.post("/v1/steps", _step(docs[2], job_id="00000000-0000-0000-0000-0000000000a2"))
+        ok = c.post("/v1/steps", _step(net, docs[2], job_id="00000000-0000-0000-0000-0000000000a2"))
         assert ok["status"] in ("running", "succeeded")
         with pytest.raises(AgreementError, match="superseded by v2"):
-            c.post("/v1/steps", _step(docs[1], job_id="00000000-0000-0000-0000-0000000000a1"))
+            c.post("/v1/steps", _step(net, docs[1], job_id="00000000-0000-0000-0000-0000000000a1"))
 
 
 def test_audit_heads_reach_coordinator_and_peers_and_expose_tampering(net: LocalNet, active: dict) -> None:
