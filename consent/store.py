@@ -109,6 +109,7 @@ _WEAK_RANK = {r: i for i, r in enumerate(reversed(_WEAK_REASONS))}
 _IMPORT_CHUNK = 20_000
 _SMALL_GATE = 20_000  # up to this many distinct subjects the gate looks them up instead of scanning
 _IN_CHUNK = 5_000
+_PIPELINE = True  # prepare the next import chunk while the previous one is written (see _pipelined)
 
 WithdrawalHook = Callable[[str, str, "str | None"], None]
 ErasureHook = Callable[[str], None]
@@ -1029,8 +1030,11 @@ def _pipelined(
         return []
     prepared = ctx.prepare_chunk(first, default_actor)
     second = next(chunks, None)
-    if second is None:
-        return [ctx.write_chunk(*prepared, default_actor, source)]
+    if second is None or not _PIPELINE:
+        out = [ctx.write_chunk(*prepared, default_actor, source)]
+        for chunk in itertools.chain([] if second is None else [second], chunks):
+            out.append(ctx.write_chunk(*ctx.prepare_chunk(chunk, default_actor), default_actor, source))
+        return out
     work: queue.Queue[tuple[dict[str, _Prepared], int] | None] = queue.Queue(maxsize=2)
     results: list[_WriteResult] = []
     failed: list[BaseException] = []
