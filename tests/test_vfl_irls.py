@@ -248,8 +248,8 @@ def test_any_interleaving_of_senders_gives_the_same_model(breast: dict[str, Any]
     cfg = _cfg(max_epochs=2, batch_size=64)
     data = {k: v[:200] for k, v in breast.items()}
     o = _oracle(data["Xg"], data["y"], data["Xh"], cfg)
-    for seed in (1, 2):
-        roles = _roles(data, cfg, keypair)
+    for seed, blocks in ((1, [data["Xh"]]), (2, [data["Xh"][:, :7], data["Xh"][:, 7:]])):
+        roles = _roles(data, cfg, keypair, blocks)
         queues: dict[tuple[str, str], list[m._Msg]] = defaultdict(list)
         rnd = random.Random(seed)
 
@@ -261,9 +261,10 @@ def test_any_interleaving_of_senders_gives_the_same_model(breast: dict[str, Any]
         while any(queues.values()):
             key = rnd.choice([k for k, v in queues.items() if v])
             push(roles[key[1]].handle(queues[key].pop(0)), key[1])
-        assert roles["brand"].done and roles["p1"].done
+        assert all(roles[p].done for p in roles if p != "coord")
         assert np.allclose(roles["brand"].w, o["wg"], atol=1e-5, rtol=0)
-        assert np.allclose(roles["p1"].w, o["wh"], atol=1e-5, rtol=0)
+        wh = np.concatenate([roles[f"p{i + 1}"].w for i in range(len(blocks))])
+        assert np.allclose(wh, o["wh"], atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ leakage
