@@ -24,6 +24,8 @@ from consent.schemas import (
     ConsentEventBatchIn,
     ConsentEventIn,
     ConsentEventOut,
+    DeliverableIn,
+    DeliverableOut,
     ErasureIn,
     NoticeIn,
     NoticeOut,
@@ -105,6 +107,17 @@ def consent_router(get_store: Callable[..., ConsentStore]) -> APIRouter:
         return CheckOut(
             purpose=d.purpose, recipient=d.recipient, at=d.at, allowed=d.allowed, evidence=d.evidence,
             denied_counts=d.denied_counts, allowed_count=d.allowed_count, denied_count=d.denied_count,
+        )
+
+    @router.post("/deliverable", response_model=DeliverableOut)
+    def deliverable(body: DeliverableIn, store: ConsentStore = Store) -> DeliverableOut:
+        """For an activation or marketing job: which subjects may be contacted now on this
+        channel about this topic (consent, then channel opt-ins, time windows, frequency cap,
+        topics). With `record` (default) the contacts are added to the contact history.
+        Audited with counts only."""
+        return store.deliverable(
+            body.subjects, body.purpose, body.channel, body.topic, body.at,
+            recipient=body.recipient, record=body.record, job_ref=body.job_ref,
         )
 
     @router.get("/reports/coverage")

@@ -12,11 +12,11 @@ import csv
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from confide.errors import ValidationError
+from confide.errors import ConfigurationError, ValidationError
 from consent import reports
 from consent.importer import import_file, read_notices
 from consent.store import ConsentStore, load_or_create_secret
@@ -32,36 +32,45 @@ _PARTY = typer.Option([], "--party", help="A known recipient party; repeatable")
 
 
 def open_store(database_url: Optional[str], data_dir: Path, key_file: Optional[Path], parties: list[str]) -> ConsentStore:
-    """The store the commands work on; creates the consent tables if the database has none."""
-    from sqlalchemy import inspect
-
+    """The store the commands work on, in the node's database brought to the newest node
+    schema by the node's own migrations (the same ones `confide node serve` runs), so a
+    database the CLI touched and a node database are identical."""
     from confide.db import make_engine
-    from consent.models import ensure_tables
 
     data_dir = Path(data_dir)
     if database_url is None:
         data_dir.mkdir(parents=True, exist_ok=True)
         database_url = f"sqlite:///{(data_dir / 'node.db').resolve()}"
     engine = make_engine(database_url)
-    if not inspect(engine).has_table("consent_events"):
-        try:  # a node database is migrated as a whole when its migrations know the consent tables
-            from party_node.storage import ensure_schema
-
-            ensure_schema(engine)
-        except Exception:
-            pass
-        ensure_tables(engine)
+    migrate_node_database(engine)
     secret = load_or_create_secret(key_file or data_dir / "consent.key")
     return ConsentStore(engine, secret_key=secret, recipients=parties, audit=_audit_log(engine))
 
 
+def migrate_node_database(engine: Any) -> None:
+    """Run the node migrations on `engine`'s database. Refuses (ConfigurationError) a database
+    that holds consent or audit tables but no migration history: it was made some other way
+    (e.g. `create_all`) and may differ from the node schema."""
+    from sqlalchemy import inspect
+
+    from party_node.storage import ensure_schema
+
+    tables = set(inspect(engine).get_table_names())
+    ours = {t for t in tables if t.startswith(("consent_", "audit_"))}
+    if ours and "alembic_version" not in tables:
+        raise ConfigurationError(
+            f"database {engine.url.render_as_string(hide_password=True)} holds consent/audit tables "
+            f"({', '.join(sorted(ours)[:3])}, ...) that the node migrations did not create; point --database-url "
+            "at the node's database or at a new one (it will be migrated)"
+        )
+    ensure_schema(engine)
+
+
 def _audit_log(engine: object) -> object:
     """The node's Merkle audit log in the same database (gate calls and imports are audited
-    from the CLI too); tables the database lacks are created."""
+    from the CLI too)."""
     from consent.audit import AuditLog
-    from consent.audit_storage import AuditBase
 
-    AuditBase.metadata.create_all(engine)  # type: ignore[arg-type]
     return AuditLog(engine, None, "local")  # type: ignore[arg-type]
 
 
@@ -133,6 +142,37 @@ def check_cmd(
     else:
         typer.echo(f"allowed {d.allowed_count} of {len(subject_list)} for {purpose}" + (f" with {recipient}" if recipient else ""))
         for reason, n in d.denied_counts.items():
+            typer.echo(f"  denied {n}: {reason}")
+
+
+@app.command("deliverable")
+def deliverable_cmd(
+    subjects: Path = typer.Option(..., "--subjects", help="One subject per line, or a CSV (column 'subject' or the first)"),
+    purpose: str = typer.Option(..., "--purpose", help="An activation.* or marketing.* purpose"),
+    channel: str = typer.Option(..., "--channel", help="sms, wecom, email or app_push"),
+    topic: str = typer.Option(..., "--topic", help="The message's content topic"),
+    recipient: Optional[str] = typer.Option(None, "--recipient", help="Party the delivery goes through"),
+    at: Optional[str] = typer.Option(None, "--at", help="ISO time (default now)"),
+    job_ref: Optional[str] = typer.Option(None, "--job-ref", help="The campaign or job"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Do not record the contacts"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+    database_url: Optional[str] = _DB,
+    data_dir: Path = _DATA,
+    key_file: Optional[Path] = _KEY,
+    party: list[str] = _PARTY,
+) -> None:
+    """Which subjects an activation job may contact now (consent and preferences; audited)."""
+    when = _parse_time(at, "--at") if at else dt.datetime.now(dt.timezone.utc)
+    subject_list = _read_subjects(subjects)
+    store = open_store(database_url, data_dir, key_file, party)
+    out = store.deliverable(subject_list, purpose, channel, topic, when, recipient=recipient,
+                            record=not dry_run, job_ref=job_ref)
+    if as_json:
+        typer.echo(out.model_dump_json())
+    else:
+        typer.echo(f"deliverable {out.deliverable_count} of {len(set(subject_list))} on {channel} about {topic}"
+                   + ("" if dry_run else f" ({out.recorded} contacts recorded)"))
+        for reason, n in out.denied_counts.items():
             typer.echo(f"  denied {n}: {reason}")
 
 

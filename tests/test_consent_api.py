@@ -136,3 +136,31 @@ def test_oversized_batch_and_bad_preferences(client: tuple[TestClient, ConsentSt
     assert r.status_code == 400 and "time_windows" in r.text
     r = c.post("/consent/check", json={"subjects": ["m1"], "purpose": "sharing.third_party"})
     assert r.status_code == 400 and r.json()["details"]["field"] == "recipient"
+
+
+def test_deliverable_over_rest_applies_preferences_and_names_bad_fields(
+    client: tuple[TestClient, ConsentStore],
+) -> None:
+    c, store = client
+    notice = {**NOTICE, "purposes": [*NOTICE["purposes"], {"purpose": "marketing", "data_categories": ["orders"]}]}
+    assert c.post("/consent/notices", json=notice).status_code == 201
+    for i, s in enumerate(("a", "b", "c")):
+        r = c.post("/consent/events", json=_event(f"k{i}", s, purpose="marketing"))
+        assert r.status_code == 201, r.text
+    # b only wants e-mail; c only between 20:00 and 22:00 Shanghai time.
+    assert c.put("/consent/subjects/b/preferences", json={"channels": {"email": True}}).status_code == 200
+    assert c.put("/consent/subjects/c/preferences",
+                 json={"time_windows": [{"start": "20:00", "end": "22:00"}]}).status_code == 200
+    body = {"subjects": ["a", "b", "c", "d"], "purpose": "marketing.general", "channel": "sms", "topic": "service",
+            "at": "2026-02-03T13:30:00Z", "job_ref": "camp-1"}  # 21:30 in Shanghai
+    r = c.post("/consent/deliverable", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["deliverable"] == ["a", "c"] and out["recorded"] == 2
+    assert out["denied_counts"] == {"channel_not_allowed": 1, "no_consent": 1}
+    r = c.post("/consent/deliverable", json={**body, "at": "2026-02-03T05:00:00Z", "record": False})  # 13:00
+    assert r.json()["deliverable"] == ["a"] and r.json()["recorded"] == 0
+    r = c.post("/consent/deliverable", json={**body, "channel": "pigeon"})
+    assert r.status_code == 400 and "channel" in r.text
+    r = c.post("/consent/deliverable", json={**body, "purpose": "scoring.lead"})
+    assert r.status_code == 400 and "purpose" in r.text

@@ -80,3 +80,51 @@ def test_errors_carry_the_field_and_exit_code(env: tuple[CliRunner, list[str], P
     assert isinstance(r.exception, ValidationError) and "purpose" in r.exception.message
     r = runner.invoke(app, ["report", "--kind", "everything", *common])
     assert isinstance(r.exception, ValidationError) and "--kind" in r.exception.message
+
+
+def test_cli_database_is_the_node_schema_via_migrations(env: tuple[CliRunner, list[str], Path]) -> None:
+    from sqlalchemy import inspect, text
+
+    from confide import db
+    from consent.models import ensure_tables
+    from party_node.storage import metadatas
+
+    runner, common, d = env
+    r = runner.invoke(app, ["notice", "add", str(d / "notice.yaml"), *common])
+    assert r.exit_code == 0, r.output
+    engine = make_engine(f"sqlite:///{d / 'var' / 'node.db'}")
+    assert db.schema_diff(engine, metadatas()) == []  # exactly what the node migrations make
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    assert "consent_contacts" in inspect(engine).get_table_names()
+    # A database whose consent tables were made some other way is refused, not patched.
+    other = make_engine(f"sqlite:///{d / 'adhoc.db'}")
+    ensure_tables(other)
+    r = runner.invoke(app, ["notice", "add", str(d / "notice.yaml"), "--database-url", f"sqlite:///{d / 'adhoc.db'}",
+                            *common])
+    assert r.exit_code != 0 and "node migrations did not create" in str(r.exception)
+
+
+def test_deliverable_command_records_contacts_and_honours_the_cap(env: tuple[CliRunner, list[str], Path]) -> None:
+    runner, common, d = env
+    notice = NOTICE_YAML + "  - purpose: marketing\n    data_categories: [orders]\n"
+    (d / "notice.yaml").write_text(notice)
+    (d / "mkt.csv").write_text(CSV.splitlines()[0] + "\n"
+                               "k1,m1,,marketing,,granted,app,member/1,,,2026-01-01T00:00:00Z\n"
+                               "k2,m2,,marketing,,granted,app,member/1,,,2026-01-01T00:00:00Z\n")
+    assert runner.invoke(app, ["import", str(d / "mkt.csv"), "--notices", str(d / "notice.yaml"), *common]).exit_code == 0
+    from consent.cli import open_store
+
+    store = open_store(None, d / "var", None, [])
+    store.set_preferences("m2", {"channels": {"sms": True}, "frequency_cap": {"max_messages": 1, "per": "week"}})
+    args = ["deliverable", "--subjects", str(d / "subjects.txt"), "--purpose", "marketing.general", "--channel", "sms",
+            "--topic", "service", "--at", "2026-02-02T03:00:00+00:00", "--json", *common]
+    first = json.loads(runner.invoke(app, args).output)
+    assert first["deliverable"] == ["m1", "m2"] and first["recorded"] == 2
+    assert first["denied_counts"] == {"no_consent": 2}
+    second = json.loads(runner.invoke(app, args).output)
+    assert second["deliverable"] == ["m1"] and second["denied_counts"] == {"frequency_cap": 1, "no_consent": 2}
+    r = runner.invoke(app, [*args[:-len(common) - 1], "--dry-run", *common])
+    assert r.exit_code == 0 and "deliverable 1 of 4 on sms about service" in r.output
+    r = runner.invoke(app, [*args[:6], "fax", *args[7:]])
+    assert isinstance(r.exception, ValidationError) and "channel" in r.exception.message
