@@ -176,6 +176,20 @@ def deliverable_cmd(
             typer.echo(f"  denied {n}: {reason}")
 
 
+@app.command("purge")
+def purge_cmd(
+    database_url: Optional[str] = _DB,
+    data_dir: Path = _DATA,
+    key_file: Optional[Path] = _KEY,
+    party: list[str] = _PARTY,
+) -> None:
+    """Reduce consent records older than the retention period (CONFIDE_CONSENT_RETENTION_DAYS,
+    at least 1096 days): drop encrypted identifiers of superseded events, delete old gate-call
+    and contact rows. Evidence hashes and current rules stay. Audited."""
+    store = open_store(database_url, data_dir, key_file, party)
+    typer.echo(json.dumps(store.purge()))
+
+
 @app.command("report")
 def report_cmd(
     kind: str = typer.Option("coverage", "--kind", help="coverage or processing"),

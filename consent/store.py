@@ -51,8 +51,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import Field
 from pydantic import ValidationError as PydanticValidationError
-from sqlalchemy import delete, func, select, text
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import and_, delete, func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -98,7 +100,7 @@ from consent.schemas import (
 
 log = logging.getLogger("confide.consent")
 
-__all__ = ["AuditSink", "ConsentStore", "LoggingAuditSink", "ensure_tables", "load_or_create_secret"]
+__all__ = ["AuditSink", "ConsentSettings", "ConsentStore", "LoggingAuditSink", "ensure_tables", "load_or_create_secret"]
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _US = dt.timedelta(microseconds=1)
@@ -144,6 +146,18 @@ def load_or_create_secret(path: Path) -> bytes:
     with os.fdopen(fd, "wb") as fh:
         fh.write(key)
     return key
+
+
+class ConsentSettings(BaseSettings):
+    """Consent-store settings (env `CONFIDE_CONSENT_*`)."""
+
+    model_config = SettingsConfigDict(env_prefix="CONFIDE_CONSENT_", extra="forbid")
+
+    retention_days: int = Field(
+        default=1096,
+        ge=1096,
+        description="Keep consent evidence at least this long (>= 3 years); `purge` reduces only older records",
+    )
 
 
 # --------------------------------------------------------------------------- crypto recipes
@@ -350,6 +364,7 @@ class ConsentStore:
         clock: Callable[[], dt.datetime] | None = None,
         max_batch: int = MAX_BATCH,
         timezone: str = "Asia/Shanghai",
+        settings: ConsentSettings | None = None,
     ) -> None:
         if isinstance(bind, Engine):
             self.factory = db.session_factory(bind)
@@ -361,6 +376,7 @@ class ConsentStore:
         self.audit: AuditSink = audit or LoggingAuditSink()
         self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
         self.max_batch = max_batch
+        self.settings = settings or ConsentSettings()
         try:  # preference time windows are local times of the subjects' market
             self.timezone = zoneinfo.ZoneInfo(timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
@@ -891,6 +907,45 @@ class ConsentStore:
             purpose=purpose, channel=body.channel, topic=body.topic, recipient=recipient, at=at_utc,
             deliverable=ok, deliverable_count=len(ok), denied_counts=counts, recorded=len(ok_refs) if record else 0,
         )
+
+    # ------------------------------------------------------------------ retention
+
+    def purge(self, now: dt.datetime | None = None) -> dict[str, int]:
+        """Reduce consent records past the retention period (`settings.retention_days`, at
+        least three years) without losing evidence, in one audited transaction:
+
+        - events received before the cutoff that are no longer the current rule of their
+          subject, purpose and recipient (or whose subject is erased) lose their encrypted
+          identifier; every field their content hash and their import batch's audit digest
+          cover stays, so both can still be recomputed;
+        - gate-call rows and contact-history rows older than the cutoff are deleted (their
+          counts are in the audit log; frequency caps look back 30 days at most).
+
+        Returns the counts. Current rules are never touched, however old."""
+        cutoff = (as_utc(now) or self._now()) - dt.timedelta(days=self.settings.retention_days)
+        with db.session_scope(self.factory) as session:
+            current = select(ConsentState.event_id).where(
+                ConsentState.subject_ref == ConsentEvent.subject_ref,
+                ConsentState.purpose == ConsentEvent.purpose,
+                ConsentState.recipient == ConsentEvent.recipient,
+                ConsentState.event_id == ConsentEvent.event_id,
+            )
+            reduced = session.execute(
+                update(ConsentEvent)
+                .where(and_(ConsentEvent.received_at < cutoff, ConsentEvent.identifier_ct.is_not(None),
+                            ~current.exists()))
+                .values(identifier_ct=None)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            gate_calls = session.execute(delete(GateCall).where(GateCall.decided_at < cutoff)).rowcount
+            contacts = session.execute(delete(ContactRecord).where(ContactRecord.at < cutoff)).rowcount
+            counts = {"identifiers_dropped": int(reduced or 0), "gate_calls_deleted": int(gate_calls or 0),
+                      "contacts_deleted": int(contacts or 0)}
+            self.audit.append(
+                "consent.purge", {"cutoff": cutoff.isoformat(), "retention_days": self.settings.retention_days, **counts},
+                session=session,
+            )
+        return counts
 
     # ------------------------------------------------------------------ usage records
 

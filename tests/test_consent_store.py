@@ -366,3 +366,44 @@ def test_state_history_usage_and_small_vs_bulk_gate_agree(db_url: str, monkeypat
     u = s.record_usage("job-9", "modeling.lookalike", small.allowed, agreement_id="agr-9")
     u2 = s.record_usage("job-9", "modeling.lookalike", small.allowed[:5] + ["m0"])
     assert (u.subjects_count, u2.subjects_count) == (19, 20)
+
+
+def test_purge_after_retention_keeps_evidence_and_current_rules(db_url: str) -> None:
+    from consent.models import ContactRecord, GateCall
+    from consent.store import ConsentSettings
+
+    with pytest.raises(Exception, match="1096"):
+        ConsentSettings(retention_days=365)
+    s, audit = make_store(db_url)
+    s.record_events([
+        ev("old-1", "m1", "modeling", identifier="13800000001"),  # superseded below
+        ev("old-2", "m2", "modeling", identifier="13800000002"),  # still the current rule
+    ])
+    s.record(ev("new-1", "m1", "modeling", "withdrawn", received_at=T0 + 10 * DAY))
+    s.allowed(["m1", "m2"], "modeling", None, T0 + 11 * DAY)
+    s.set_preferences("m2", {"frequency_cap": {"max_messages": 5, "per": "day"}})
+    s.register_notice({"notice": "mk", "version": "mk/1", "published_at": T0 - DAY,
+                       "purposes": [{"purpose": "marketing", "data_categories": ["orders"]}]})
+    s.record(ev("mk-1", "m2", "marketing", notice_version="mk/1"))
+    s.deliverable(["m2"], "marketing.general", "sms", "service", T0 + 12 * DAY)
+    before = s.allowed(["m1", "m2"], "modeling", None, T0 + 20 * DAY)
+    with s.factory() as sess:
+        digests = {b: batch_digest(sess.execute(select(ConsentEvent.content_hash).where(ConsentEvent.batch_id == b)
+                                                .order_by(ConsentEvent.event_id)).scalars().all())
+                   for b in sess.scalars(select(ConsentEvent.batch_id).distinct())}
+    # Within the retention period nothing changes.
+    assert s.purge(T0 + 365 * DAY) == {"identifiers_dropped": 0, "gate_calls_deleted": 0, "contacts_deleted": 0}
+    counts = s.purge(T0 + 1200 * DAY)
+    assert counts["identifiers_dropped"] == 1 and counts["contacts_deleted"] == 1 and counts["gate_calls_deleted"] >= 1
+    with s.factory() as sess:
+        cts = dict(sess.execute(select(ConsentEvent.event_id, ConsentEvent.identifier_ct)).all())
+        assert cts["old-1"] is None and cts["old-2"] is not None  # the current rule keeps its identifier
+        assert sess.scalar(select(func.count()).select_from(ContactRecord)) == 0
+        assert sess.scalar(select(func.count()).select_from(GateCall)) == 0
+        for b, d in digests.items():  # every import batch's audit digest is still recomputable
+            rows = sess.execute(select(ConsentEvent.content_hash).where(ConsentEvent.batch_id == b)
+                                .order_by(ConsentEvent.event_id)).scalars().all()
+            assert batch_digest(rows) == d
+    after = s.allowed(["m1", "m2"], "modeling", None, T0 + 20 * DAY)
+    assert (after.allowed, after.denied_counts) == (before.allowed, before.denied_counts)
+    assert [p for k, p in audit.entries if k == "consent.purge"][-1]["identifiers_dropped"] == 1
