@@ -24,7 +24,8 @@ def test_consent_recorded_over_the_node_api_gates_processing(pki_dir: Path, tmp_
         op = inprocess_client(app, tc, pki_dir, "brand", "brand")
         op.post("/v1/consent/notices", {"notice": "member-privacy", "version": "member-privacy.2026-01",
                                         "published_at": (now - dt.timedelta(days=30)).isoformat(),
-                                        "purposes": [{"purpose": "modeling", "data_categories": ["profile"]}]})
+                                        "purposes": [{"purpose": "modeling", "data_categories": ["profile"]},
+                                                     {"purpose": "activation", "data_categories": ["phone"]}]})
         for i, subject in enumerate(("m1", "m2")):
             op.post("/v1/consent/events", {
                 "event_id": f"ev-{i}", "subject": subject, "identifier": "13800138000", "purpose": "modeling",
@@ -43,6 +44,17 @@ def test_consent_recorded_over_the_node_api_gates_processing(pki_dir: Path, tmp_
         leaves = [node.audit.log.entry(i) for i in range(node.audit.log.size())]
         assert any("gate" in str(e).lower() for e in leaves)
         assert all("13800138000" not in str(e) for e in leaves)
+        # an activation job asks which subjects it may contact now (the node DB was migrated
+        # with the contact-history table); the call is audited with counts only
+        for subject in ("m1", "m2"):
+            op.post("/v1/consent/events", {"event_id": f"ev-a-{subject}", "subject": subject, "purpose": "activation",
+                                           "action": "granted", "channel": "app",
+                                           "notice_version": "member-privacy.2026-01"})
+        op.put("/v1/consent/subjects/m1/preferences", {"channels": {"wecom": True}})
+        out = op.post("/v1/consent/deliverable", {"subjects": ["m1", "m2", "m3"], "purpose": "activation.ads",
+                                                  "channel": "sms", "topic": "new_models"})
+        assert out["deliverable"] == ["m2"] and out["denied_counts"] == {"channel_not_allowed": 1, "no_consent": 1}
+        assert node.audit.log.entry(node.audit.log.size() - 1).kind == "consent.delivery"
         # another party cannot write this node's consent records
         stranger = inprocess_client(app, tc, pki_dir, "partner", "brand")
         with pytest.raises(AuthenticationError, match="unknown party"):
