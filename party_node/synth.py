@@ -37,15 +37,15 @@ person has the same normalised phone everywhere. The latent traits plant the gro
 
 Lead conversion is ``sigmoid(-2.3 + u_b + 1.1 u_p + 0.35 z_val)``, so the partner's features
 carry signal the brand cannot get on its own (``ground_truth.json`` reports how much, with all
-features and with only the flags / small counts / 0-1 scores a model without standardisation can
-use: ``LEAD_MODEL_FEATURES``, ``PARTNER_MODEL_FEATURES``). The signal sits in categorical columns
+features and with the smaller set the demo's federated model uses: ``LEAD_MODEL_*``,
+``PARTNER_MODEL_*``). The signal sits in categorical columns
 (lead grade, source, insurance status, income level) and in numeric ones (test drives, dealer
 visits, auto-interest score, app activity, insurance due within 90 days).
 
 Consent: members, leads and the partner's users each follow a policy of ask / grant / withdraw
 rates per purpose; leads are asked on the lead form and grant the lead purposes more often; one
 person's decisions are correlated (a latent privacy attitude); the partner's grants for the
-brand's lead scoring name the brand as recipient.
+other party's matching, modelling and scoring name that party as recipient.
 
 Everything is vectorised numpy / Arrow compute; there are no per-row Python loops, so a million
 members take seconds. Consent logs (about 7 events per subject) are rendered and written in
@@ -723,10 +723,11 @@ LEAD_NUMERIC = ["age", "days_to_first_contact", "test_drive_booked", "dealer_vis
                 "brochure_downloaded", "price_quote_requested", "financing_inquiry",
                 "trade_in_inquiry"]
 LEAD_CATEGORICAL = ["gender", "city_tier", "source_channel", "model_interest", "budget_band", "lead_grade"]
-# The brand's lead signals that are flags or small counts (see PARTNER_MODEL_FEATURES).
+# The brand's lead signals the demo's model uses (see PARTNER_MODEL_FEATURES).
 LEAD_MODEL_FEATURES = ["test_drive_booked", "dealer_visits", "calls_answered", "wechat_interactions",
                        "configurator_sessions", "brochure_downloaded", "price_quote_requested",
                        "financing_inquiry", "trade_in_inquiry"]
+LEAD_MODEL_CATEGORICAL = ["lead_grade", "budget_band"]
 # Fresh leads to score: the same columns, no outcome yet.
 NEW_LEAD_SCHEMA = {**LEAD_SCHEMA, "labels": []}
 
@@ -854,10 +855,12 @@ PARTNER_NUMERIC = ["interest_auto", "interest_new_energy", "interest_luxury", "i
                    "app_luxury_shopping_active", "app_travel_active", "purchase_intent_score",
                    "car_owner", "car_app_usage_days_30d", "insurance_due_90d"]
 PARTNER_CATEGORICAL = ["income_level", "consumption_level", "car_insurance_status"]
-# Partner signals on a 0-1 scale (tag scores and flags), usable as they are by a model that does
-# not standardise its inputs (the vertical `train` job); the demo trains on these.
+# The partner signals the demo's lead-scoring model uses (numeric ones are standardised and
+# categorical ones one-hot encoded at the node, as `party_node.features` does).
 PARTNER_MODEL_FEATURES = ["interest_auto", "interest_new_energy", "interest_luxury", "interest_finance",
-                          "app_autohome_active", "app_dongchedi_active", "car_owner", "insurance_due_90d"]
+                          "app_autohome_active", "app_dongchedi_active", "car_owner", "insurance_due_90d",
+                          "purchase_intent_score", "car_app_usage_days_30d"]
+PARTNER_MODEL_CATEGORICAL = ["car_insurance_status", "income_level"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -871,6 +874,7 @@ class _PurposePolicy:
     withdraw: float  # share of grants later withdrawn
     regrant: float  # share of refusals later granted
     validity_days: int
+    later: float = 0.2  # share asked weeks after sign-up rather than at once
 
 
 _BRAND_POLICY = {
@@ -886,7 +890,7 @@ _PARTNER_POLICY = {
     "audience.overlap": _PurposePolicy(0.96, 0.82, 0.03, 0.04, 730),
     "audience.match": _PurposePolicy(0.94, 0.70, 0.05, 0.03, 730),
     "modeling.lead_scoring": _PurposePolicy(0.92, 0.72, 0.05, 0.03, 730),
-    "scoring.lead": _PurposePolicy(0.92, 0.70, 0.05, 0.03, 365),
+    "scoring.lead": _PurposePolicy(0.92, 0.70, 0.05, 0.03, 730),  # asked with the programme, valid as long
     "modeling.lookalike": _PurposePolicy(0.94, 0.74, 0.04, 0.03, 730),
     "marketing.personalized": _PurposePolicy(0.98, 0.72, 0.07, 0.05, 730),
     "sharing.third_party": _PurposePolicy(0.90, 0.48, 0.08, 0.03, 365),
@@ -895,18 +899,19 @@ _PARTNER_POLICY = {
 # the purposes that handling a lead needs (matching, scoring, the scoring model); they grant these
 # more often than members asked later in a programme message. Same purposes, same order.
 _LEAD_POLICY = {
-    "audience.overlap": _PurposePolicy(0.98, 0.90, 0.02, 0.05, 730),
-    "audience.match": _PurposePolicy(0.98, 0.88, 0.03, 0.05, 730),
-    "modeling.lead_scoring": _PurposePolicy(0.98, 0.88, 0.03, 0.05, 730),
-    "scoring.lead": _PurposePolicy(0.98, 0.87, 0.04, 0.05, 365),
-    "modeling.lookalike": _PurposePolicy(0.90, 0.66, 0.05, 0.03, 730),
-    "marketing.personalized": _PurposePolicy(0.98, 0.72, 0.06, 0.05, 730),
-    "sharing.third_party": _PurposePolicy(0.90, 0.45, 0.07, 0.03, 365),
+    "audience.overlap": _PurposePolicy(0.98, 0.90, 0.02, 0.05, 730, later=0.02),
+    "audience.match": _PurposePolicy(0.98, 0.88, 0.03, 0.05, 730, later=0.02),
+    "modeling.lead_scoring": _PurposePolicy(0.98, 0.88, 0.03, 0.05, 730, later=0.02),
+    "scoring.lead": _PurposePolicy(0.98, 0.87, 0.04, 0.05, 365, later=0.02),
+    "modeling.lookalike": _PurposePolicy(0.90, 0.66, 0.05, 0.03, 730, later=0.02),
+    "marketing.personalized": _PurposePolicy(0.98, 0.72, 0.06, 0.05, 730, later=0.02),
+    "sharing.third_party": _PurposePolicy(0.90, 0.45, 0.07, 0.03, 365, later=0.02),
 }
-# The partner asks its app users, naming the brand, whether the brand's lead-scoring model may
-# use their signals: those grants name the recipient (a grant naming the brand covers jobs for
-# the brand only; `sharing.*` names it because the law requires it).
-PARTNER_NAMED_PURPOSES = ("modeling.lead_scoring", "scoring.lead")
+# Processing together with the other party (matching, modelling, scoring, sharing) provides it
+# personal information, so each party asks for it naming the other party (PIPL Art. 23; the
+# `separate_consent` purposes of consent/purposes.yaml) — e.g. the partner asks its app users
+# whether the brand's lead-scoring model may use their signals. Counting the overlap is exempt.
+NAMED_PURPOSES = tuple(p for p in COLLAB_PURPOSES if p != "audience.overlap")
 # How strongly one person's decisions go together (a latent privacy attitude shared by all
 # purposes): people who refuse one purpose tend to refuse the others.
 _ATTITUDE_WEIGHT = 0.8
@@ -933,10 +938,9 @@ def _notice_version(party: str, version: str) -> str:
 def notices(party: str, other: str, role: str) -> list[dict[str, Any]]:
     """The party's privacy-notice versions that the consent events reference, in the shape
     `consent.importer.read_notices` reads. Versions before 3.0 cover own marketing only; 3.0
-    adds the collaboration purposes and names `other` as the recipient of `sharing.*` (and, in
-    the partner's notice, of PARTNER_NAMED_PURPOSES)."""
+    adds the collaboration purposes and names `other` as the recipient of NAMED_PURPOSES."""
     categories = _DATA_CATEGORIES[role]
-    named = set(RECIPIENT_PURPOSES) | (set(PARTNER_NAMED_PURPOSES) if role == "partner" else set())
+    named = set(RECIPIENT_PURPOSES) | set(NAMED_PURPOSES)
     out = []
     for version, day in _NOTICES:
         covered = list(OWN_PURPOSES) + (list(COLLAB_PURPOSES) if version >= "3" else [])
@@ -1024,7 +1028,8 @@ def consent_plan(rng: np.random.Generator, since: np.ndarray, channel: np.ndarra
         if purpose in COLLAB_PURPOSES:
             start = np.maximum(start, _COLLAB_START)
         # Consent is mostly captured at sign-up, within a few hours; later asks spread over weeks.
-        delay = np.where(rng.random(k) < 0.8, rng.integers(0, 6 * 3600, k), rng.integers(0, 60 * 86400, k))
+        later = rate("later")[asked]
+        delay = np.where(rng.random(k) >= later, rng.integers(0, 6 * 3600, k), rng.integers(0, 60 * 86400, k))
         t0 = start + delay.astype("timedelta64[s]")
         w = _ATTITUDE_WEIGHT
         leaning = w * attitude[asked] + np.sqrt(1.0 - w * w) * rng.standard_normal(k)
@@ -1393,7 +1398,7 @@ def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: floa
         auc = {k: round(v, 4) for k, v in auc.items()}
         auc_model = {k: round(v, 4) for k, v in _scoring_auc(
             bl.data, pp.data, ov_leads, lead_pos[ov_leads], y, seed,
-            (LEAD_MODEL_FEATURES, PARTNER_MODEL_FEATURES), ([], [])).items()}
+            (LEAD_MODEL_FEATURES, PARTNER_MODEL_FEATURES), (LEAD_MODEL_CATEGORICAL, PARTNER_MODEL_CATEGORICAL)).items()}
     else:
         auc_note = "too few overlapped leads (need >= 200 with >= 20 of each outcome); raise --leads"
     new_pos = partner_pos[nl.person]
@@ -1443,11 +1448,11 @@ def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: floa
             "brand_features": LEAD_NUMERIC + LEAD_CATEGORICAL,
             "partner_features": PARTNER_NUMERIC + PARTNER_CATEGORICAL,
         },
-        # The same with only the 0-1 / small-count features a model without standardisation uses.
+        # The same with the smaller feature set the demo's federated model uses.
         "lead_scoring_auc_model_features": {
             **auc_model,
-            "brand_features": LEAD_MODEL_FEATURES,
-            "partner_features": PARTNER_MODEL_FEATURES,
+            "brand_features": LEAD_MODEL_FEATURES + LEAD_MODEL_CATEGORICAL,
+            "partner_features": PARTNER_MODEL_FEATURES + PARTNER_MODEL_CATEGORICAL,
         },
         # The new leads' outcomes (in brand_new_leads_outcomes, which no party holds at scoring time).
         "new_leads": new_truth,
@@ -1479,11 +1484,12 @@ def generate(out_dir: str | Path, *, members: int = 20_000, partner_factor: floa
     emit("brand_new_leads_outcomes", None, new_outcomes.to_batches(), new_outcomes.schema)
     emit("brand_preferences", None, preferences.to_batches(), preferences.schema)
     emit("brand_consent", CONSENT_SCHEMA,
-         consent_batches(b_plan, brand_name, partner_name, b_subjects, b_ident, _BRAND_POLICY))
+         consent_batches(b_plan, brand_name, partner_name, b_subjects, b_ident, _BRAND_POLICY,
+                         named=NAMED_PURPOSES))
     del b_plan, b_subjects, b_ident
     emit("partner_consent", CONSENT_SCHEMA,
          consent_batches(p_plan, partner_name, brand_name, p_subjects, p_ident, _PARTNER_POLICY,
-                         named=PARTNER_NAMED_PURPOSES))
+                         named=NAMED_PURPOSES))
     for party, other, role in ((brand_name, partner_name, "brand"), (partner_name, brand_name, "partner")):
         path = out / f"{role}_notices.yaml"
         path.write_text(yaml.safe_dump(notices(party, other, role), sort_keys=False), encoding="utf-8")

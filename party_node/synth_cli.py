@@ -74,8 +74,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     model = summary["lead_scoring_auc_model_features"]
     for key, label, src in (("brand_only", "lead AUC, brand features only", auc),
                             ("with_partner", "lead AUC, with partner features", auc),
-                            ("brand_only", "  same, flags / 0-1 scores only (what `train` uses)", model),
-                            ("with_partner", "  same with partner flags / 0-1 scores", model),
+                            ("brand_only", "  same, the demo model's brand features", model),
+                            ("with_partner", "  same, with the demo model's partner features", model),
                             ("oracle", "lead AUC, planted propensity (ceiling)", auc)):
         truth.add_row(label, "n/a" if src[key] is None else f"{src[key]:.3f}")
     new = summary["new_leads"]
