@@ -4,6 +4,10 @@ Only the key holder (the responder, who owns the values) encrypts, so it encrypt
 factorisation: the obfuscator r^n mod n² is computed mod p² and mod q² and recombined (CRT),
 about 1.8x faster than phe's public-key encryption (5.0 vs 8.9 ms CPU at 2048 bits here). The requester only multiplies ciphertexts
 (adds plaintexts) and adds its mask with the public key.
+
+The profile's gated reveal also gives the requester a key of its own (it encrypts the powers of
+its masks, CRT as above) and has the responder evaluate a polynomial on those ciphertexts and
+multiply the result by a secret factor (`eval_gate`), all with the requester's public key.
 """
 
 from __future__ import annotations
@@ -63,6 +67,36 @@ def mask(n: int, c: int) -> tuple[int, int]:
     pub = paillier.PaillierPublicKey(n)
     r = secrets.randbelow(n)
     return int(gmpy2.mpz(c) * pub.raw_encrypt(r) % (gmpy2.mpz(n) * n)), r
+
+
+def add_plain(n: int, c: int, m: int) -> int:
+    """Ciphertext of plaintext(c) + m, with fresh encryption randomness (so the result is
+    unlinkable to `c`)."""
+    return int(gmpy2.mpz(c) * paillier.PaillierPublicKey(n).raw_encrypt(m) % (gmpy2.mpz(n) * n))
+
+
+def rerandomize(n: int, c: int) -> int:
+    """The same plaintext under fresh, uniform encryption randomness (c · s^n mod n²)."""
+    return add_plain(n, c, 0)
+
+
+def eval_gate(n: int, powers: list[int], coeffs: list[int], xs: list[int]) -> tuple[int, list[int]]:
+    """Under the public key n, with `powers[j]` = Enc(r^j): u = Enc(ρ·Σ_j coeffs[j]·r^j) for a
+    fresh uniform ρ in Z*_n, and v_i = Enc(ρ·Σ_j coeffs[j]·r^j · xs[i]) for each x in `xs`; every
+    ciphertext re-randomised. Returns (u, [v_i])."""
+    n_ = gmpy2.mpz(n)
+    n2 = n_ * n_
+    acc = gmpy2.mpz(1)
+    for c, a in zip(powers, coeffs):
+        if a:
+            acc = acc * gmpy2.powmod(gmpy2.mpz(c), gmpy2.mpz(a), n2) % n2
+    while True:
+        rho = gmpy2.mpz(secrets.randbelow(n - 1) + 1)
+        if gmpy2.gcd(rho, n_) == 1:
+            break
+    u = rerandomize(n, int(gmpy2.powmod(acc, rho, n2)))
+    vs = [rerandomize(n, int(gmpy2.powmod(gmpy2.mpz(u), gmpy2.mpz(x), n2))) for x in xs]
+    return u, vs
 
 
 def decrypt(priv: paillier.PaillierPrivateKey, c: int) -> int:

@@ -19,7 +19,7 @@ import struct
 from enum import Enum
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from confide.canonical import canonical_json
@@ -31,6 +31,13 @@ MAX_HEADER_BYTES = 64 * 1024
 # One chunk carries at most this many rows; bigger inputs stream as several chunks.
 MAX_CHUNK_ROWS = 65_536
 MAX_CIPHER_BYTES = 1024  # a Paillier ciphertext mod n^2 for n of up to 4096 bits
+# Profile gate: a Paillier modulus of the requester between these sizes, k_min up to MAX_K_MIN,
+# and one gate message (all powers of all count slots) of at most MAX_GATE_BYTES.
+MIN_PAILLIER_BITS = 1024  # production keys are 2048 bits; 1024 only for test-sized keys
+MAX_PAILLIER_BITS = 4096
+MAX_K_MIN = 1000
+MAX_GATE_SLOTS = 4096
+MAX_GATE_BYTES = 48 * 1024 * 1024
 
 
 class Mode(str, Enum):
@@ -113,15 +120,67 @@ class MaskedSum(_Msg):
 
 
 class Decrypted(_Msg):
-    """Profile, responder → requester: the decryptions of the masked sums (one integer per
-    ciphertext, decimal strings)."""
+    """Profile (before the gated reveal), responder → requester: the decryptions of the masked
+    sums (one integer per ciphertext, decimal strings). The profile roles no longer send it: the
+    responder keeps the decryptions and answers `GatePowers` with `GatedValues`."""
 
     kind: Literal["decrypted"] = "decrypted"
     values: list[str] = Field(max_length=64)
 
 
+def cipher_bytes(n: int) -> int:
+    """Width of one Paillier ciphertext (mod n²) on the wire."""
+    return (2 * n.bit_length() + 7) // 8
+
+
+class GatePowers(_Msg):
+    """Profile, requester → responder: the requester's own fresh Paillier modulus n_B and, for
+    each of the `gates` count slots (layout order), Enc_B(r^j mod n_B) for j = 0..k_min, where r
+    is that slot's mask — `gates · (k_min+1)` ciphertexts of `cipher_bytes(n_B)` bytes each."""
+
+    kind: Literal["gate_powers"] = "gate_powers"
+    paillier_n: str = Field(min_length=1, max_length=1300, pattern=r"^[1-9][0-9]*$")
+    k_min: int = Field(ge=0, le=MAX_K_MIN)
+    gates: int = Field(ge=1, le=MAX_GATE_SLOTS)
+    data: bytes = Field(repr=False, max_length=MAX_GATE_BYTES)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "GatePowers":
+        n = int(self.paillier_n)
+        if not MIN_PAILLIER_BITS <= n.bit_length() <= MAX_PAILLIER_BITS or n % 2 == 0:
+            raise ValueError(f"paillier_n must be an odd modulus of {MIN_PAILLIER_BITS}-{MAX_PAILLIER_BITS} bits")
+        want = self.gates * (self.k_min + 1) * cipher_bytes(n)
+        if len(self.data) != want:
+            raise ValueError(f"carries {len(self.data)} bytes, {self.gates} gates x {self.k_min + 1} "
+                             f"powers need {want}")
+        return self
+
+
+class GatedValues(_Msg):
+    """Profile, responder → requester: under the requester's key, one u = Enc_B(ρ·P(count)) per
+    gate, then one v = Enc_B(ρ·P(count)·x) per slot (layout order), x the slot's masked sum:
+    `(gates + slots)` ciphertexts of equal width."""
+
+    kind: Literal["gated_values"] = "gated_values"
+    gates: int = Field(ge=1, le=MAX_GATE_SLOTS)
+    slots: int = Field(ge=1, le=MAX_GATE_SLOTS)
+    data: bytes = Field(repr=False, max_length=2 * MAX_GATE_SLOTS * MAX_CIPHER_BYTES)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "GatedValues":
+        if self.slots < self.gates:
+            raise ValueError("every gate gates at least its own slot")
+        count = self.gates + self.slots
+        if not self.data or len(self.data) % count or len(self.data) // count > MAX_CIPHER_BYTES:
+            raise ValueError(f"must carry {count} ciphertexts of equal width (at most {MAX_CIPHER_BYTES} bytes)")
+        return self
+
+
+_PAYLOAD_KINDS = ("points", "masked_sum", "gate_powers", "gated_values")
+
 Message = Annotated[
-    Union[Hello, Ready, Points, Result, MaskedSum, Decrypted], Field(discriminator="kind")
+    Union[Hello, Ready, Points, Result, MaskedSum, Decrypted, GatePowers, GatedValues],
+    Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 
@@ -159,7 +218,7 @@ def decode(wire: bytes, *, max_bytes: int = 64 * 1024 * 1024) -> Message:
     data = wire[8 + hlen :]
     if data_len != len(data):
         raise ProtocolError("PSI message payload length does not match its header")
-    if header.get("kind") in ("points", "masked_sum"):
+    if header.get("kind") in _PAYLOAD_KINDS:
         header["data"] = data
     elif data:
         raise ProtocolError("PSI message carries a payload its kind does not have")
