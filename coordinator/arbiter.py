@@ -442,7 +442,12 @@ RESUMED = "the training resumed"  # in the 409 a party gets for a superseded gen
 
 
 def arbiter_router(coord: Any, party_dep: Callable[..., Any]) -> APIRouter:
+    from coordinator.registry import registry_router
+
     router = APIRouter()
+    # The model registry of vertical training rides on this optional router (coordinator/app.py
+    # mounts it when the training capability is present).
+    router.include_router(registry_router(coord, party_dep))
 
     @router.put("/v1/arbiter/{job_id}/in/{seq}")
     async def put_in(job_id: str, seq: int, request: Request, gen: int = 0,

@@ -16,9 +16,11 @@ their own node over the given vocabulary (None: the node's most frequent values,
 rows (`party_node.features`). The expanded names stay at the node; only counts cross.
 
 What the coordinator keeps (`finalize`): a model registry entry — model version (= the job id),
-agreement, data sizes, feature names, training config, epochs and stop reason. The held-out
-metrics stay in the guest's private step result (leakage table: the brand learns its metrics),
-the model parts (weights, mask seeds) in each party's private step result.
+agreement, data sizes, source columns and feature counts per party, training config, epochs,
+stop reason, per-epoch losses (every party and the arbiter learn them anyway) and the brand's
+aggregate held-out metrics when the held-out rows number at least k_min (`coordinator.registry`
+serves it and the model card). The model parts (weights, mask seeds, expanded feature names,
+encoders) stay in each party's private step result.
 """
 
 from __future__ import annotations
@@ -176,6 +178,8 @@ class TrainJob:
         arbiter.start_session(coordinator, job_id, params)
 
     def finalize(self, spec: AgreementSpec, params: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The job's result is the model's registry entry (`coordinator.registry`): what the
+        coordinator may know. The model parts stay at the nodes."""
         guest = results.get(f"train@{params['guest']}", {})
         parties = [params["guest"], *params["hosts"]]
         sizes = {(results.get(f"train@{p}") or {}).get("train_rows") for p in parties}
@@ -187,12 +191,21 @@ class TrainJob:
                 "agreement_id": spec.agreement_id,
                 "match_job": params["match_job"],
                 "label": params["label"],
+                "guest": params["guest"],
+                "hosts": params["hosts"],
                 "features": {params["guest"]: params["guest_features"], **params["host_features"]},
+                "feature_counts": {p: (results.get(f"train@{p}") or {}).get("features") for p in parties},
                 "parts_at": {p: "the party's node (private step result)" for p in parties},
             },
             "data": {"train_rows": guest.get("train_rows"), "test_rows": guest.get("test_rows")},
             "training": {"config": params["train"], "test_fraction": params["test_fraction"],
-                         "epochs": guest.get("epochs"), "stop_reason": guest.get("stop_reason")},
+                         "seed": params["seed"], "categories": params.get("categories") or {},
+                         "max_categories": params.get("max_categories"),
+                         "standardize": params.get("standardize", True),
+                         "epochs": guest.get("epochs"), "stop_reason": guest.get("stop_reason"),
+                         "losses": guest.get("losses")},
+            # Reported by the brand: aggregates over >= k_min held-out rows, or marked suppressed.
+            "heldout_metrics": guest.get("heldout_metrics") or {"suppressed": True, "reason": "not reported"},
             "evaluation_at": f"{params['guest']}'s node (private step result)",
         }
 

@@ -19,6 +19,8 @@ agreement_app = typer.Typer(no_args_is_help=True, help="Propose, review and sign
 job_app = typer.Typer(no_args_is_help=True, help="Create and follow jobs.")
 app.add_typer(agreement_app, name="agreement")
 app.add_typer(job_app, name="job")
+model_app = typer.Typer(no_args_is_help=True, help="The coordinator's registry of trained models and their cards.")
+app.add_typer(model_app, name="model")
 out = Console()
 
 CONFIG = typer.Option(..., "--config", help="The node's YAML settings file")
@@ -214,3 +216,59 @@ def _register() -> None:
 
 
 _register()
+
+
+# -- model registry (the coordinator serves it to the parties of each model's agreement) --------
+
+
+def coordinator_client(config: Path):  # type: ignore[no-untyped-def]
+    """A client to the coordinator, signed with the node's identity (as the node itself calls it)."""
+    from confide import pki
+    from confide.transport import ServiceClient
+
+    settings = _settings(config)
+    return ServiceClient(pki.load_identity(settings.pki_dir), "coordinator", settings.coordinator_url, timeout=60)
+
+
+@model_app.command("list")
+def model_list(config: Path = CONFIG, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Trained models of this party's agreements: version, agreement, sizes, epochs, AUC."""
+    with coordinator_client(config) as c:
+        models = c.get("/v1/models")
+    if as_json:
+        _print(models, True)
+        return
+    table = Table("version", "agreement", "guest", "hosts", "train rows", "features", "epochs", "auc (guest only)")
+    for m in models:
+        hm = m.get("heldout_metrics") or {}
+        auc = "suppressed" if hm.get("suppressed") else f"{hm['auc']:.4f} ({hm['guest_only']['auc']:.4f})"
+        table.add_row(m["version"], f"{m['agreement_id']} v{m['agreement_version']}", str(m["guest"]),
+                      ", ".join(m["hosts"] or []), str(m["data"].get("train_rows")),
+                      " + ".join(str(v) for v in m["feature_counts"].values()), str(m["training"].get("epochs")), auc)
+    out.print(table)
+
+
+@model_app.command("show")
+def model_show(version: str = typer.Argument(..., help="model version (the train job id)"), config: Path = CONFIG,
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """One model's registry entry."""
+    with coordinator_client(config) as c:
+        _print(c.get(f"/v1/models/{version}"), as_json)
+
+
+@model_app.command("card")
+def model_card(version: str = typer.Argument(..., help="model version (the train job id)"), config: Path = CONFIG,
+               as_json: bool = typer.Option(False, "--json", help="JSON instead of Markdown"),
+               output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to this file")) -> None:
+    """The model card: intended use, data sizes, feature counts, metrics vs guest-only,
+    limitations, consent purposes, leakage notes."""
+    with coordinator_client(config) as c:
+        if as_json:
+            text = json.dumps(c.get(f"/v1/models/{version}/card"), indent=2)
+        else:
+            text = c.request("GET", f"/v1/models/{version}/card.md", raw=True).decode()
+    if output is not None:
+        output.write_text(text)
+        typer.echo(f"wrote {output}")
+    else:
+        typer.echo(text)

@@ -25,8 +25,10 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -40,6 +42,8 @@ from party_node.storage.models import PsiMatch
 
 ARBITER = "coordinator"
 EVAL_REQUEST = "heldout"
+RESUMED = "the training resumed"  # as coordinator.arbiter.RESUMED (the 409 of a superseded generation)
+SNAPSHOT_DIR = "vfl-snapshots"
 WAIT_S = 1800.0  # longest wait for any one message (the peers' one-off encryption can be long)
 POOL_ROWS = 2_000  # from this many training rows, heavy Paillier work goes to a process pool
 
@@ -68,14 +72,24 @@ def _retrying(call: Callable[[], Any], stop: threading.Event, *, idempotent: boo
             time.sleep(1.0)
 
 
+class _Resume(Exception):
+    """The arbiter opened a new generation (a party restarted): restore the agreed epoch."""
+
+    def __init__(self, gen: int | None) -> None:
+        super().__init__(f"training resumes (generation {gen})")
+        self.gen = gen
+
+
 class _Links:
     """Receives from every peer (relay) and the arbiter (mailbox) on background threads into one
-    queue; sends on the caller's thread."""
+    queue; sends on the caller's thread. One generation of the session (coordinator.arbiter):
+    relay channel `vfl` (generation 0) or `vfl.g<gen>`, mailbox `?gen=<gen>`."""
 
-    def __init__(self, ctx: StepContext, peers: list[str]) -> None:
+    def __init__(self, ctx: StepContext, peers: list[str], gen: int = 0) -> None:
         self.ctx = ctx
+        self.gen = gen
         self.stop = threading.Event()
-        self.relay = RelayChannel(ctx.node, ctx.job_id, "vfl", self.stop)
+        self.relay = RelayChannel(ctx.node, ctx.job_id, "vfl" if gen == 0 else f"vfl.g{gen}", self.stop)
         self.q: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._arb_seq = 0
         self.bytes_to_arbiter = 0
@@ -104,12 +118,19 @@ class _Links:
                 deadline = time.monotonic() + WAIT_S
                 while not self.stop.is_set():
                     try:
-                        data = _retrying(lambda: c.request("GET", f"/v1/arbiter/{self.ctx.job_id}/out/{seq}",
-                                                           raw=True), self.stop)
+                        data = _retrying(lambda: c.request(
+                            "GET", f"/v1/arbiter/{self.ctx.job_id}/out/{seq}?gen={self.gen}", raw=True), self.stop)
                     except NotFound:  # the server waited a few seconds already
                         if time.monotonic() > deadline:
                             raise ProtocolError(f"no message from the arbiter within {WAIT_S:.0f}s") from None
                         continue
+                    if data[:1] == b"C":  # this generation is over: another party restarted
+                        try:
+                            gen = int(json.loads(data[1:])["resume"])
+                        except Exception:  # noqa: BLE001
+                            raise ProtocolError("malformed control message from the arbiter") from None
+                        self.q.put(("resume", gen))
+                        return
                     if data[:1] != b"M":
                         raise ProtocolError("malformed message from the arbiter")
                     self.q.put(("msg", m.decode(data[1:])))
@@ -122,11 +143,14 @@ class _Links:
     def to_arbiter(self, body: bytes) -> None:
         with self.ctx.node.coordinator() as c:
             try:
-                _retrying(lambda: c.request("PUT", f"/v1/arbiter/{self.ctx.job_id}/in/{self._arb_seq}",
-                                            content=body, content_type="application/octet-stream"), self.stop)
+                _retrying(lambda: c.request(
+                    "PUT", f"/v1/arbiter/{self.ctx.job_id}/in/{self._arb_seq}?gen={self.gen}",
+                    content=body, content_type="application/octet-stream"), self.stop)
             except Conflict as exc:
                 # Our seq advances only after a PUT succeeds, so "already sent" means the
                 # coordinator took a PUT whose answer was lost: done. Anything else is fatal.
+                if RESUMED in exc.message:
+                    raise _Resume(None) from None
                 if "already sent" not in exc.message:
                     raise
         self._arb_seq += 1
@@ -153,6 +177,8 @@ class _Links:
                 if time.monotonic() > deadline:
                     raise ProtocolError(f"no training message within {WAIT_S:.0f}s") from None
                 continue
+            if kind == "resume":
+                raise _Resume(int(item))
             if kind == "error":
                 if isinstance(item, ConfideError):
                     raise item
@@ -161,6 +187,104 @@ class _Links:
 
     def close(self) -> None:
         self.stop.set()
+
+
+class _Snapshots:
+    """This step's resume state in the node's data dir (`vfl-snapshots/<job>/<step>/`): the
+    agreed training rows (this node's own join keys) and the role snapshot after each of the
+    last two completed epochs (weights, losses, the peers' *encrypted* rows: no plaintext of
+    another party). Files are written atomically (temporary file, fsync, rename)."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self.root = Path(ctx.node.settings.data_dir) / SNAPSHOT_DIR / ctx.job_id
+        self.dir = self.root / ctx.step.replace("/", "_")
+
+    def _write(self, name: str, data: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{name}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / name)
+
+    def save_rows(self, join_keys: list[str]) -> None:
+        self._write("rows.json", {"join_keys": join_keys})
+
+    def load_rows(self) -> list[str] | None:
+        try:
+            return list(json.loads((self.dir / "rows.json").read_text())["join_keys"])
+        except FileNotFoundError:
+            return None
+
+    def save(self, epoch: int, snap: dict[str, Any]) -> None:
+        self._write(f"epoch-{epoch}.json", snap)
+        for e in self.epochs():
+            if e < epoch - 1:  # a peer may be one epoch behind us, never two
+                (self.dir / f"epoch-{e}.json").unlink(missing_ok=True)
+
+    def epochs(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(f.name[6:-5]) for f in self.dir.glob("epoch-*.json"))
+
+    def load(self, epoch: int) -> dict[str, Any]:
+        return dict(json.loads((self.dir / f"epoch-{epoch}.json").read_text()))
+
+    def delete(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _sweep_snapshots(ctx: StepContext) -> None:
+    """Delete the resume state of training jobs that are over (e.g. failed while this node was
+    down), asking the coordinator about jobs this node has no running step of."""
+    from party_node.storage.models import StepRecord
+
+    base = Path(ctx.node.settings.data_dir) / SNAPSHOT_DIR
+    if not base.is_dir():
+        return
+    for d in base.iterdir():
+        if d.name == ctx.job_id:
+            continue
+        with session_scope(ctx.node.factory) as s:
+            running = s.scalars(select(StepRecord.step).where(StepRecord.job_id == d.name,
+                                                              StepRecord.status == "running")).first()
+        if running is not None:
+            continue
+        try:
+            with ctx.node.coordinator() as c:
+                status = c.get(f"/v1/jobs/{d.name}")["status"]
+        except NotFound:
+            status = "deleted"
+        except ConfideError:
+            continue  # ask again next time
+        if status in ("succeeded", "failed", "cancelled", "deleted"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _attempt(ctx: StepContext) -> int:
+    from party_node.storage.models import StepRecord
+
+    with session_scope(ctx.node.factory) as s:
+        rec = s.get(StepRecord, (ctx.job_id, ctx.step))
+        return int(rec.attempt) if rec is not None else 1
+
+
+def _resume_round(ctx: StepContext, epochs: list[int], gen: int | None) -> tuple[int, int]:
+    """Offer the epochs this node can restore; (generation, epoch) once every party has."""
+    deadline = time.monotonic() + WAIT_S
+    stop = threading.Event()
+    with ctx.node.coordinator() as c:
+        while True:
+            if ctx.cancelled.is_set():
+                raise ProtocolError("step cancelled")
+            body = {"epochs": epochs, "gen": gen}
+            r = _retrying(lambda: c.post(f"/v1/arbiter/{ctx.job_id}/resume", body), stop)
+            gen = int(r["gen"])
+            if "epoch" in r:
+                return gen, int(r["epoch"])
+            if time.monotonic() > deadline:
+                raise ProtocolError(f"the other parties did not rejoin the training within {WAIT_S:.0f}s")
 
 
 def _dataset_and_frame(ctx: StepContext, match_job: str, columns: list[str]
@@ -228,6 +352,16 @@ def _agree_rows(ctx: StepContext, allowed_keys: set[str], others: list[str]) -> 
     return {mine[d] for d in keep}
 
 
+def _job_over(ctx: StepContext) -> bool:
+    try:
+        with ctx.node.coordinator() as c:
+            return c.get(f"/v1/jobs/{ctx.job_id}")["status"] in ("succeeded", "failed", "cancelled")
+    except NotFound:
+        return True
+    except ConfideError:
+        return False
+
+
 def train_step(ctx: StepContext) -> dict[str, Any]:
     from federated import messages as m
     from federated import roles as R
@@ -242,6 +376,7 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
     guest, hosts = p["guest"], list(p["hosts"])
     if me != guest and me not in hosts:
         raise AgreementError(f"{me!r} has no role in this training job")
+    _sweep_snapshots(ctx)
     is_guest = me == guest
     others = [x for x in [guest, *hosts] if x != me]
     rule = ctx.agreement.spec.rule(ctx.job_type or "train")
@@ -266,7 +401,22 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
         allowed &= set(decision.allowed)
         for reason, n in decision.denied_counts.items():
             denied[reason] = max(denied.get(reason, 0), n)
-    final = _agree_rows(ctx, {joins[s] for s in allowed}, others)
+    store = _Snapshots(ctx)
+    agreed = store.load_rows()
+    if agreed is not None:
+        # This node restarted mid-training: the rows every party agreed on before (no new
+        # exchange: the others are mid-training). They must all still pass the gate here.
+        lost = set(agreed) - {joins[s] for s in allowed if s in joins}
+        if lost:
+            store.delete()
+            raise ValidationError(f"{len(lost)} of the training rows agreed before this node restarted no longer "
+                                  "pass the consent gate here; rerun the job")
+        final = set(agreed)
+    else:
+        if _attempt(ctx) > 1:
+            raise ProtocolError("this node restarted before the parties agreed on the training rows; "
+                                "the training cannot resume: rerun the job")
+        final = _agree_rows(ctx, {joins[s] for s in allowed}, others)
     frame = frame.assign(_join=frame[key].map(joins))
     frame = frame[frame["_join"].isin(final)].sort_values("_join", kind="stable")
     if len(frame) != len(final):
@@ -304,41 +454,80 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
     del frame
 
     executor = ProcessPoolExecutor() if len(train) >= POOL_ROWS else InProcessExecutor()
-    links = _Links(ctx, others)
-    try:
+
+    def make_role() -> Any:
         if is_guest:
             assert y is not None
-            role: Any = R.GuestRole(me, ctx.job_id, cfg, X[train], y[train], join_keys=train_keys, hosts=hosts,
-                                    arbiter=ARBITER, executor=executor)
-        else:
-            role = R.HostRole(me, ctx.job_id, cfg, X[train], join_keys=train_keys, guest=guest, hosts=hosts,
-                              arbiter=ARBITER, executor=executor)
-        links.to_arbiter(b"C" + json.dumps({"rows": int(len(train))}).encode())
-        links.send(role.start())
-        t_train = time.perf_counter()
-        while not role.done:
-            links.send(role.handle(links.recv()))
-        train_s = time.perf_counter() - t_train
-        # Held-out evaluation: masked partial logits to the arbiter; scores to the guest only.
-        if is_guest:
-            seeds = [role.peer[h].mask_seed for h in hosts]
-            partial = R.guest_partial(role.model(), X[test])
-        else:
-            seeds = [role.mask_seed]
-            partial = R.host_partial(role.model(), X[test])
-        links.send([(ARBITER, R.score_share(job_id=ctx.job_id, sender=me, request_id=EVAL_REQUEST, partial=partial,
-                                            mask_seeds=seeds, role="guest" if is_guest else "host"))])
-        scores = None
-        if is_guest:
-            msg = links.recv()
-            if not (isinstance(msg, m.Scores) and msg.sender == ARBITER and msg.request_id == EVAL_REQUEST):
-                raise ProtocolError(f"the guest expected the held-out scores, got {getattr(msg, 'kind', msg)!r}")
-            scores = np.frombuffer(msg.data, dtype=">f8").astype(np.float64)
-            if len(scores) != len(test):
-                raise ProtocolError(f"{len(scores)} scores for {len(test)} held-out rows")
+            return R.GuestRole(me, ctx.job_id, cfg, X[train], y[train], join_keys=train_keys, hosts=hosts,
+                               arbiter=ARBITER, executor=executor)
+        return R.HostRole(me, ctx.job_id, cfg, X[train], join_keys=train_keys, guest=guest, hosts=hosts,
+                          arbiter=ARBITER, executor=executor)
+
+    if agreed is None:
+        store.save_rows(sorted(final))
+    links: _Links | None = None
+    sent = 0
+    resumed_from: list[int] = []
+    finished = False
+    try:
+        gen, epoch = _resume_round(ctx, store.epochs(), None) if agreed is not None else (0, 0)
+        if agreed is not None:
+            resumed_from.append(epoch)
+        while True:
+            role = make_role()
+            links = _Links(ctx, others, gen)
+            try:
+                if epoch > 0:
+                    links.send(role.restore(store.load(epoch)))
+                else:
+                    links.to_arbiter(b"C" + json.dumps({"rows": int(len(train))}).encode())
+                    links.send(role.start())
+                t_train = time.perf_counter()
+                while not role.done:
+                    msg = links.recv()
+                    out = role.handle(msg)
+                    if isinstance(msg, m.EpochDone):
+                        # Before the next epoch's messages leave: a peer that hears from us in
+                        # epoch e+1 knows we can restore epoch e.
+                        try:
+                            store.save(len(role.losses), role.snapshot())
+                        except ProtocolError:
+                            pass  # mid-batch already (a peer was quick): the previous one stands
+                    links.send(out)
+                train_s = time.perf_counter() - t_train
+                # Held-out evaluation: masked partial logits to the arbiter; scores to the guest only.
+                if is_guest:
+                    seeds = [role.peer[h].mask_seed for h in hosts]
+                    partial = R.guest_partial(role.model(), X[test])
+                else:
+                    seeds = [role.mask_seed]
+                    partial = R.host_partial(role.model(), X[test])
+                links.send([(ARBITER, R.score_share(job_id=ctx.job_id, sender=me, request_id=EVAL_REQUEST,
+                                                    partial=partial, mask_seeds=seeds,
+                                                    role="guest" if is_guest else "host"))])
+                scores = None
+                if is_guest:
+                    msg = links.recv()
+                    if not (isinstance(msg, m.Scores) and msg.sender == ARBITER and msg.request_id == EVAL_REQUEST):
+                        raise ProtocolError(f"the guest expected the held-out scores, got "
+                                            f"{getattr(msg, 'kind', msg)!r}")
+                    scores = np.frombuffer(msg.data, dtype=">f8").astype(np.float64)
+                    if len(scores) != len(test):
+                        raise ProtocolError(f"{len(scores)} scores for {len(test)} held-out rows")
+                break
+            except _Resume as r:
+                # Another party restarted: everyone restores the same completed epoch.
+                links.close()
+                sent += links.relay.bytes_sent + links.bytes_to_arbiter
+                gen, epoch = _resume_round(ctx, store.epochs(), r.gen)
+                resumed_from.append(epoch)
+        finished = True
     finally:
-        links.close()
+        if links is not None:
+            links.close()
         executor.close()
+        if finished or not ctx.cancelled.is_set() or _job_over(ctx):
+            store.delete()  # kept only when the node is shutting down mid-job (it resumes)
 
     model = {**role.model(), "features": features, "dataset": dataset, "mask_seeds": seeds,
              "encoding": encoder.to_dict(), "feature_names": encoder.names}
@@ -351,7 +540,8 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
         "epochs": epochs, "losses": role.losses, "stop_reason": role.stop_reason,
         "setup_seconds": role.timings["setup_s"], "train_seconds": round(train_s, 3),
         "seconds": round(time.perf_counter() - t0, 2),
-        "bytes_sent": links.relay.bytes_sent + links.bytes_to_arbiter, "key_bits": cfg.key_bits,
+        "bytes_sent": sent + links.relay.bytes_sent + links.bytes_to_arbiter, "key_bits": cfg.key_bits,
+        "resumed_from_epochs": resumed_from,
     }
     if is_guest:
         assert y is not None and scores is not None
@@ -370,9 +560,25 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
         "rows_used": n, "denied": denied, "epochs": epochs})
     public = {"model_version": ctx.job_id, "role": private["role"], "train_rows": int(len(train)),
               "test_rows": int(len(test)), "features": encoder.width, "source_columns": len(features),
-              "epochs": epochs,
+              "epochs": epochs, "losses": [round(float(v), 6) for v in role.losses],
               "stop_reason": role.stop_reason}
+    if is_guest:
+        public["heldout_metrics"] = _registry_metrics(private["metrics"], len(test), ctx.agreement.spec.k_min)
     return {**public, PRIVATE: private}
+
+
+REGISTRY_METRICS = ("auc", "ks", "pr_auc", "lift_top_decile", "brier", "ece")
+
+
+def _registry_metrics(metrics: dict[str, Any], heldout: int, k_min: int) -> dict[str, Any]:
+    """What the brand reports to the coordinator's model registry: aggregate held-out quality
+    (AUC, KS, PR-AUC, top-decile lift, Brier, ECE), federated and guest-only, when the held-out
+    rows number at least k_min. Not the base rate or the per-decile calibration table (a decile
+    of the held-out rows can be fewer than k_min rows); those stay in the private result."""
+    if heldout < k_min:
+        return {"suppressed": True, "reason": f"{heldout} held-out rows, fewer than k_min={k_min}"}
+    return {"rows": heldout, **{k: round(float(metrics[k]), 6) for k in REGISTRY_METRICS},
+            "guest_only": {k: round(float(metrics["guest_only"][k]), 6) for k in REGISTRY_METRICS}}
 
 
 # ------------------------------------------------------------------------------------ scoring

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.slow
 NOW = dt.datetime.now(dt.timezone.utc)
 GUEST_X = [f"x{i}" for i in range(10)]
 HOST_X = [f"p{i}" for i in range(20)]
-TRAIN = {"key_bits": 1024, "allow_short_keys": True, "max_epochs": 20}
+# The plaintext oracle (train_guest_only) is FATE's Taylor loss; pin it where the core offers others.
+TRAIN = {"key_bits": 1024, "allow_short_keys": True, "max_epochs": 20,
+         **({"loss": "taylor"} if "loss" in TrainConfig.model_fields else {})}
 
 
 def _world() -> dict:
@@ -43,27 +45,38 @@ def _world() -> dict:
     partner.insert(0, "person_id", [f"P{i}" for i in partner["id"]])
     brand.insert(1, "phone", [phones[int(i)] for i in brand["id"]])
     partner.insert(1, "phone", [phones[int(i)] for i in partner["id"]])
+    # Categorical columns: a brand segment (with gaps) and a partner band, derived from features.
+    seg = pd.qcut(brand["x0"], 4, labels=["a", "b", "c", "d"]).astype(object)
+    seg[brand["id"] % 17 == 0] = None
+    brand["segment"] = seg
+    partner["band"] = pd.qcut(partner["p0"], 5, labels=[1, 2, 3, 4, 5]).astype(int)
     # Some subjects refuse modeling, at each node (the train job must drop them at BOTH).
     brand_refuse = {s for k, s in enumerate(brand["lead_id"]) if k % 11 == 3}
     partner_refuse = {s for k, s in enumerate(partner["person_id"]) if k % 13 == 5}
     return {"brand": brand, "partner": partner, "refuse": {"brand": brand_refuse, "partner": partner_refuse}}
 
 
-def _consent(net: LocalNet, party: str, subjects: list[str], refuse: set[str]) -> None:
+def _consent(net: LocalNet, party: str, subjects: list[str], refuse: set[str], recipients: list[str]) -> None:
+    """Grants naming each other party (separate consent, PIPL Art. 23) under a notice naming
+    them; `refuse` refuses modelling (with anyone)."""
     with net.client(party) as c:
         c.post("/v1/consent/notices", {"notice": "privacy", "version": "privacy.v1",
                                        "published_at": (NOW - dt.timedelta(days=10)).isoformat(),
-                                       "purposes": [{"purpose": "audience", "data_categories": ["phone"]},
-                                                    {"purpose": "modeling", "data_categories": ["profile"]},
-                                                    {"purpose": "scoring", "data_categories": ["profile"]}]})
+                                       "purposes": [{"purpose": p, "data_categories": [cat], "recipients": recipients}
+                                                    for p, cat in (("audience", "phone"), ("modeling", "profile"),
+                                                                   ("scoring", "profile"))]})
         common = {"channel": "app", "notice_version": "privacy.v1",
                   "valid_from": (NOW - dt.timedelta(days=1)).isoformat()}
-        events = [{"event_id": f"{party}-a-{s}", "subject": s, "purpose": "audience", "action": "granted", **common}
-                  for s in subjects]
-        events += [{"event_id": f"{party}-m-{s}", "subject": s, "purpose": "modeling",
-                    "action": "refused" if s in refuse else "granted", **common} for s in subjects]
-        events += [{"event_id": f"{party}-s-{s}", "subject": s, "purpose": "scoring", "action": "granted", **common}
-                   for s in subjects]
+        events = []
+        for r in recipients:
+            events += [{"event_id": f"{party}-a-{r}-{s}", "subject": s, "purpose": "audience", "action": "granted",
+                        "recipient": r, **common} for s in subjects]
+            events += [{"event_id": f"{party}-m-{r}-{s}", "subject": s, "purpose": "modeling", "action": "granted",
+                        "recipient": r, **common} for s in subjects if s not in refuse]
+            events += [{"event_id": f"{party}-s-{r}-{s}", "subject": s, "purpose": "scoring", "action": "granted",
+                        "recipient": r, **common} for s in subjects]
+        events += [{"event_id": f"{party}-m-{s}", "subject": s, "purpose": "modeling", "action": "refused", **common}
+                   for s in subjects if s in refuse]
         assert c.post("/v1/consent/events/batch", {"events": events})["recorded"] == len(events)
 
 
@@ -76,24 +89,26 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNet, 
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("CONFIDE_TEST_SHORT_KEYS", "1")  # copied into the service processes only
             net.start_all()
-        for party, key, name, label, cols in (("brand", "lead_id", "leads", "y", GUEST_X),
-                                              ("partner", "person_id", "people", None, HOST_X)):
+        for party, key, name, label, cols, cat in (("brand", "lead_id", "leads", "y", GUEST_X, "segment: category"),
+                                                   ("partner", "person_id", "people", None, HOST_X, "band: int")):
             frame = w[party].drop(columns=["id"])
             frame.to_csv(work / f"{name}.csv", index=False)
+            c, t = cat.split(": ")
             schema = (f"dataset: {name}\nkey: {key}\nidentifiers:\n  - {{column: phone, type: phone}}\nfeatures:\n"
                       + "".join(f"  - {{column: {c}, type: float}}\n" for c in cols)
+                      + f"  - {{column: {c}, type: {t}}}\n"
                       + (f"labels:\n  - {{column: {label}, type: binary}}\n" if label else ""))
             (work / f"{name}.yaml").write_text(schema)
             confide("node", "register", "--config", str(net.config(party)))
             confide("node", "ingest", str(work / f"{name}.csv"), "--schema", str(work / f"{name}.yaml"),
                     "--config", str(net.config(party)))
-            _consent(net, party, frame[key].tolist(), w["refuse"][party])
+            _consent(net, party, frame[key].tolist(), w["refuse"][party], [q for q in ("brand", "partner") if q != party])
         agreement = spec("vfl-2026", jobs=("match", "train"), datasets={"brand": ["leads"], "partner": ["people"]},
                          purposes=["audience", "modeling.lead_scoring", "scoring.lead"])
         agreement["parties"][0]["identifiers"] = [{"dataset": "leads", "column": "phone", "type": "phone"}]
         agreement["parties"][1]["identifiers"] = [{"dataset": "people", "column": "phone", "type": "phone"}]
-        agreement["parties"][0]["columns"] = {"leads": ["y", *GUEST_X]}
-        agreement["parties"][1]["columns"] = {"people": HOST_X}
+        agreement["parties"][0]["columns"] = {"leads": ["y", *GUEST_X, "segment"]}
+        agreement["parties"][1]["columns"] = {"people": [*HOST_X, "band"]}
         agreement["allowed_jobs"] = [{"type": "match", "purpose": "audience.match"},
                                      {"type": "train", "purpose": "modeling.lead_scoring"},
                                      {"type": "score", "purpose": "scoring.lead"}]
@@ -106,7 +121,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNet, 
             job = c.post("/v1/admin/jobs", {"type": "match", "agreement_id": "vfl-2026",
                                             "params": {"id_types": ["phone"]}})
         job = wait_job(net, "brand", job["id"], timeout=60)
-        assert job["status"] == "succeeded", job
+        assert job["status"] == "succeeded", job.get("error")
         w["match_job"] = job["id"]
         yield net, w
 
@@ -125,6 +140,17 @@ def _join_keys(net: LocalNet, party: str, job_id: str) -> dict[str, str]:
     return out
 
 
+def _standardised(X: np.ndarray, train: np.ndarray) -> np.ndarray:
+    mu, sd = X[train].mean(axis=0), X[train].std(axis=0)
+    return (X - mu) / np.where(sd > 1e-12, sd, 1.0)
+
+
+def _std(part: dict, x: np.ndarray) -> np.ndarray:
+    """Apply a model part's stored standardisation (numeric columns only) to raw values."""
+    cols = part["model"]["encoding"]["columns"]
+    return (x - np.array([c["mean"] for c in cols])) / np.array([c["scale"] for c in cols])
+
+
 def _params(w: dict, **over: object) -> dict:
     return {"match_job": w["match_job"], "label": "y", "guest_features": GUEST_X,
             "host_features": {"partner": HOST_X}, "test_fraction": 0.2, "seed": 42, "train": TRAIN, **over}
@@ -138,7 +164,7 @@ def test_train_matches_pooled_logistic_regression_and_keeps_results_at_the_nodes
     with net.client("brand") as c:
         job = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": _params(w)})
     job = wait_job(net, "brand", job["id"], timeout=90)
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", job.get("error")
 
     # Plaintext oracle: the pooled rows both nodes allow, in join-key order, the same split.
     bk, pk = _join_keys(net, "brand", w["match_job"]), _join_keys(net, "partner", w["match_job"])
@@ -147,9 +173,11 @@ def test_train_matches_pooled_logistic_regression_and_keeps_results_at_the_nodes
     by_join = {k: r for r, k in pk.items()}
     rows = sorted((k, r, by_join[k]) for r, k in bk.items()
                   if r not in w["refuse"]["brand"] and by_join[k] not in w["refuse"]["partner"])
-    X = np.hstack([b.loc[[r for _, r, _ in rows], GUEST_X].to_numpy(), p.loc[[q for _, _, q in rows], HOST_X].to_numpy()])
+    Xraw = np.hstack([b.loc[[r for _, r, _ in rows], GUEST_X].to_numpy(),
+                      p.loc[[q for _, _, q in rows], HOST_X].to_numpy()])
     y = b.loc[[r for _, r, _ in rows], "y"].to_numpy()
     train, test = split_indices(len(rows), 0.2, 42)
+    X = _standardised(Xraw, train)  # the nodes standardise each numeric column on the training rows
     lr = LogisticRegression(max_iter=5000).fit(X[train], y[train])
     oracle_auc = roc_auc_score(y[test], lr.predict_proba(X[test])[:, 1])
 
@@ -157,12 +185,16 @@ def test_train_matches_pooled_logistic_regression_and_keeps_results_at_the_nodes
     assert guest["rows"] == len(rows) and guest["test_rows"] == len(test)
     assert guest["gate"]["allowed_here"] < len(bk)  # the brand's own refusals
     assert len(rows) < guest["gate"]["allowed_here"]  # ... and the partner's
-    assert abs(guest["auc"] - oracle_auc) <= 0.02, (guest["auc"], oracle_auc)
+    # ~37 held-out rows: one mis-ordered pair moves the AUC by ~0.003; the weight check below is the strict one
+    assert abs(guest["auc"] - oracle_auc) <= 0.03, (guest["auc"], oracle_auc)
     print(f"vfl train: rows={len(rows)} auc={guest['auc']:.4f} oracle={oracle_auc:.4f} "
           f"guest_only={guest['guest_only_auc']:.4f} epochs={guest['epochs']} ({guest['stop_reason']}) "
           f"train_s={guest['train_seconds']} step_s={guest['seconds']}")
     assert "guest_only_auc" in guest and guest["metrics"]["auc"] == guest["auc"]
     assert len(guest["model"]["weights"]) == len(GUEST_X)
+    enc = guest["model"]["encoding"]["columns"]
+    assert [c["name"] for c in enc] == GUEST_X
+    assert np.allclose([c["mean"] for c in enc], Xraw[train, :len(GUEST_X)].mean(axis=0))
     # Stronger than the AUC (breast data separates almost perfectly): the federated model equals
     # the same Taylor-loss training on the pooled rows in plaintext, up to fixed-point error, which
     # only holds if both nodes aligned, gated and split the rows identically.
@@ -179,16 +211,20 @@ def test_train_matches_pooled_logistic_regression_and_keeps_results_at_the_nodes
     assert "metrics" not in partner and "auc" not in ptext and "scores" not in ptext
     assert "labels" not in ptext and '"y"' not in ptext
 
-    # The coordinator's registry entry: sizes, config, epochs; no metrics, weights or values.
+    # The coordinator's registry entry: sizes, config, epochs, losses (every party hears them);
+    # held-out metrics only over >= k_min rows (here fewer: suppressed); no weights or values.
     result = job["result"]
     assert result["model"]["version"] == job["id"] and result["model"]["agreement_id"] == "vfl-2026"
     assert result["data"] == {"train_rows": len(train), "test_rows": len(test)}
     assert result["training"]["epochs"] == guest["epochs"] >= 1
+    assert result["training"]["losses"] == pytest.approx(guest["losses"], abs=1e-6)
+    assert result["model"]["feature_counts"] == {"brand": len(GUEST_X), "partner": len(HOST_X)}
+    assert len(test) < 50 and result["heldout_metrics"]["suppressed"] is True
     rtext = json.dumps(job)
-    for word in ("auc", "weights", "intercept", "metrics", "mask_seed", "losses"):
+    for word in ("auc", "weights", "intercept", "mask_seed", "encoding", "calibration"):
         assert word not in rtext, word
     assert f"{guest['auc']}"[:8] not in rtext
-    values = {f"{v:.6f}" for v in np.ravel(X[:20])}
+    values = {f"{v:.6f}" for v in np.ravel(Xraw[:20])}
     assert not any(v in rtext for v in values)
     assert not any(ph in rtext for ph in w["brand"]["phone"])
 
@@ -237,7 +273,7 @@ def test_score_gives_the_brand_joint_or_guest_only_scores_and_skips_opted_out_le
     with net.client("brand") as c:
         train = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": _params(w)})
     train = wait_job(net, "brand", train["id"], timeout=90)
-    assert train["status"] == "succeeded", train
+    assert train["status"] == "succeeded", train.get("error")
     bk, pk = _join_keys(net, "brand", w["match_job"]), _join_keys(net, "partner", w["match_job"])
     by_join = {k: r for r, k in pk.items()}
     matched = sorted(bk)
@@ -252,7 +288,7 @@ def test_score_gives_the_brand_joint_or_guest_only_scores_and_skips_opted_out_le
         job = c.post("/v1/admin/jobs", {"type": "score", "agreement_id": "vfl-2026",
                                         "params": {"model": train["id"], "dataset": "leads"}})
     job = wait_job(net, "brand", job["id"], timeout=60)
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", job.get("error")
     res = _private(net, "brand", job["id"])
     scores = {s["lead"]: s for s in res["scores"]}
     assert not (opted & set(scores)) and res["not_scored"] == len(opted)
@@ -266,14 +302,14 @@ def test_score_gives_the_brand_joint_or_guest_only_scores_and_skips_opted_out_le
     joint = [r for r in matched if r not in opted and by_join[bk[r]] not in partner_off]
     assert {r for r, s in scores.items() if not s["partner_missing"]} == set(joint)
     for r in joint[:40]:
-        u = (b.loc[r, GUEST_X].to_numpy(float) @ np.array(g["model"]["weights"]) + g["model"]["intercept"]
-             + p.loc[by_join[bk[r]], HOST_X].to_numpy(float) @ np.array(hp["model"]["weights"]))
+        u = (_std(g, b.loc[r, GUEST_X].to_numpy(float)) @ np.array(g["model"]["weights"]) + g["model"]["intercept"]
+             + _std(hp, p.loc[by_join[bk[r]], HOST_X].to_numpy(float)) @ np.array(hp["model"]["weights"]))
         assert scores[r]["score"] == pytest.approx(1 / (1 + np.exp(-u)), abs=1e-5)
     missing = [r for r, s in scores.items() if s["partner_missing"]]
     assert set(missing) == set(b.index) - set(joint) - opted  # brand-only leads and the partner's opt-outs
     go = g["guest_only_model"]
     for r in missing[:20]:
-        u = b.loc[r, GUEST_X].to_numpy(float) @ np.array(go["weights"]) + go["intercept"]
+        u = _std(g, b.loc[r, GUEST_X].to_numpy(float)) @ np.array(go["weights"]) + go["intercept"]
         assert scores[r]["score"] == pytest.approx(1 / (1 + np.exp(-u)), abs=1e-9)
 
     # The coordinator: counts and the model version, no scores or lead ids.
@@ -319,3 +355,62 @@ def test_coordinator_restart_mid_training_fails_the_job_cleanly(world) -> None: 
     # Either the party's next mailbox call found the session gone, or a write was cut off by the
     # restart (not retried: it may have been delivered); both end the job with the reason.
     assert "no arbiter is running" in job["error"] or "could not reach coordinator" in job["error"], job["error"]
+
+
+def test_categorical_features_are_one_hot_at_their_own_node_and_scoring_uses_the_same_transform(world) -> None:  # type: ignore[no-untyped-def]
+    net, w = world
+    gx, hx = GUEST_X[:4], HOST_X[:6]
+    params = _params(w, guest_features=[*gx, "segment"], host_features={"partner": [*hx, "band"]},
+                     categories={"partner": {"band": [1, 2, 3, 4]}}, max_categories=3)
+    with net.client("brand") as c:
+        job = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": params})
+    job = wait_job(net, "brand", job["id"], timeout=90)
+    assert job["status"] == "succeeded", job.get("error")
+
+    # Oracle, independent of party_node.features: pooled rows, pandas one-hot, numeric standardised.
+    bk, pk = _join_keys(net, "brand", w["match_job"]), _join_keys(net, "partner", w["match_job"])
+    b, p = w["brand"].set_index("lead_id"), w["partner"].set_index("person_id")
+    by_join = {k: r for r, k in pk.items()}
+    # (k in by_join: an earlier test's opt-outs purged some of the partner's matches)
+    rows = sorted((k, r, by_join[k]) for r, k in bk.items()
+                  if k in by_join and r not in w["refuse"]["brand"] and by_join[k] not in w["refuse"]["partner"])
+    train, test = split_indices(len(rows), 0.2, 42)
+    seg = b.loc[[r for _, r, _ in rows], "segment"].to_numpy(object)
+    band = p.loc[[q for _, _, q in rows], "band"].to_numpy()
+    counts = pd.Series([v for v in seg[train] if v is not None]).value_counts()
+    vocab = sorted(counts.index, key=lambda v: (-counts[v], v))[:3]
+    seg_1h = np.array([[float(v == c) for c in vocab] + [float(v not in vocab)] for v in seg])
+    band_1h = np.array([[float(v == c) for c in (1, 2, 3, 4)] + [float(v == 5)] for v in band])
+    gnum = _standardised(b.loc[[r for _, r, _ in rows], gx].to_numpy(float), train)
+    hnum = _standardised(p.loc[[q for _, _, q in rows], hx].to_numpy(float), train)
+    X = np.hstack([gnum, seg_1h, hnum, band_1h])
+    y = b.loc[[r for _, r, _ in rows], "y"].to_numpy()
+    plain = train_guest_only(X[train], y[train], TrainConfig(**TRAIN, seed=42, k_min=50))
+
+    guest, partner = _private(net, "brand", job["id"]), _private(net, "partner", job["id"])
+    assert guest["model"]["feature_names"] == [*gx, *(f"segment={v}" for v in vocab), "segment=<other>"]
+    assert partner["model"]["feature_names"] == [*hx, *(f"band={v}" for v in (1, 2, 3, 4)), "band=<other>"]
+    fed = np.array([*guest["model"]["weights"], *partner["model"]["weights"], guest["model"]["intercept"]])
+    ref = np.array([*plain["weights"], plain["intercept"]])
+    assert np.abs(fed - ref).max() < 1e-3, np.abs(fed - ref).max()
+    # Only counts reach the coordinator: the expanded names and the node-chosen vocabulary stay home.
+    steps = {s["party"]: s["result"] for s in job["steps"]}
+    assert steps["brand"]["features"] == len(gx) + 4 and steps["partner"]["features"] == len(hx) + 5
+    text = json.dumps(job)
+    assert "segment=" not in text and "band=" not in text and "<other>" not in text
+
+    # Scoring applies the stored transform (standardisation and vocabulary) to the leads.
+    with net.client("brand") as c:
+        sj = c.post("/v1/admin/jobs", {"type": "score", "agreement_id": "vfl-2026",
+                                       "params": {"model": job["id"], "dataset": "leads"}})
+    sj = wait_job(net, "brand", sj["id"], timeout=60)
+    assert sj["status"] == "succeeded", sj.get("error")
+    scores = {s["lead"]: s for s in _private(net, "brand", sj["id"])["scores"]}
+    pos = {r: i for i, (_, r, _) in enumerate(rows)}
+    checked = 0
+    for r, s in scores.items():
+        if r in pos and not s["partner_missing"]:
+            u = X[pos[r]] @ fed[:-1] + fed[-1]
+            assert s["score"] == pytest.approx(1 / (1 + np.exp(-u)), abs=1e-4)
+            checked += 1
+    assert checked >= 50
