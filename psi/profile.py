@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Sequence

@@ -89,6 +89,17 @@ def test_gate_polynomial_vanishes_exactly_below_k_min() -> None:
             assert (p == 0) == (count < k)
 
 
+def test_multi_pow_equals_one_powmod_per_base() -> None:
+    for trial in range(50):
+        mod = secrets.randbelow(2**600) + 2
+        bases = [secrets.randbelow(2**620) for _ in range(trial % 7)]
+        exps = [secrets.randbelow(2 ** (trial * 11)) for _ in bases]  # incl. 0 and short exponents
+        want = 1
+        for b, e in zip(bases, exps):
+            want = want * pow(b, e, mod) % mod
+        assert _paillier.multi_pow(bases, exps, mod) == want % mod
+
+
 def test_profile_matches_plaintext_with_suppression(key, brand_key) -> None:
     a = [f"u{i}" for i in range(0, 260)]
     b, vals = _data()
