@@ -479,7 +479,7 @@ def write_html(run: DemoRun) -> Path:
     env = Environment(loader=PackageLoader("confide", "templates"), autoescape=select_autoescape())
     html = env.get_template("report.html.j2").render(
         sections=run.sections, timings=run.timings, generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        scale=run.scale, seed=run.seed)
+        scale=run.scale, seed=run.seed, facts=run.facts)
     path = run.out / "report.html"
     path.write_text(html)
     return path

@@ -21,7 +21,7 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 def test_demo_runs_every_stage_and_reports_the_partners_value(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "confide", "demo", "--scale", "0.2", "--seed", "42", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "confide", "demo", "--scale", "0.3", "--seed", "42", "--out", str(out)],
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     html = (out / "report.html").read_text()
