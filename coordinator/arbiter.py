@@ -102,8 +102,9 @@ class _Resumed(Exception):
     """The session moved to a new generation: the arbiter restores the agreed epoch."""
 
 
-def _open_round(sess: Session) -> None:
+def _open_round(sess: Session, by: str) -> None:
     """A new generation (call holding `sess.cond`): the old mailbox is dropped."""
+    log.warning("arbiter for job %s: %s asks to resume; generation %d opens", sess.job_id, by, sess.gen + 1)
     sess.gen += 1
     sess.offers, sess.decided = {}, None
     sess.inbox = {}
@@ -311,7 +312,8 @@ def _await_round(coord: Any, sess: Session) -> int:
             sess.decided = max(common)
             sess.stats["resumes"] = sess.stats.get("resumes", 0) + 1
             sess.stats["resumed_from_epoch"] = sess.decided
-            log.info("arbiter for job %s: generation %d resumes from epoch %d", sess.job_id, sess.gen, sess.decided)
+            log.warning("arbiter for job %s: generation %d resumes from epoch %d (offers %s)", sess.job_id, sess.gen,
+                        sess.decided, sess.offers)
             sess.cond.notify_all()
         return sess.decided
 
@@ -518,7 +520,7 @@ def arbiter_router(coord: Any, party_dep: Callable[..., Any]) -> APIRouter:
                 raise ValidationError(f"generation {join} was never opened", field="gen")
             if not (join == sess.gen and sess.decided is not None):
                 if sess.decided is not None:  # a restarted party (or news of one): a new round
-                    _open_round(sess)
+                    _open_round(sess, peer.name)
                 sess.offers[peer.name] = sorted(set(epochs))
                 sess.last_activity = time.monotonic()
                 sess.cond.notify_all()

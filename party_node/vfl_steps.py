@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import queue
 import shutil
@@ -40,6 +41,7 @@ from party_node.relay import RelayChannel
 from party_node.steps import PRIVATE, StepContext, register
 from party_node.storage.models import PsiMatch
 
+log = logging.getLogger("confide.node.vfl")
 ARBITER = "coordinator"
 EVAL_REQUEST = "heldout"
 RESUMED = "the training resumed"  # as coordinator.arbiter.RESUMED (the 409 of a superseded generation)
@@ -119,7 +121,7 @@ class _Links:
                 while not self.stop.is_set():
                     try:
                         data = _retrying(lambda: c.request(
-                            "GET", f"/v1/arbiter/{self.ctx.job_id}/out/{seq}?gen={self.gen}", raw=True), self.stop)
+                            "GET", f"/v1/arbiter/{self.ctx.job_id}/out/{seq}", params={"gen": self.gen}, raw=True), self.stop)
                     except NotFound:  # the server waited a few seconds already
                         if time.monotonic() > deadline:
                             raise ProtocolError(f"no message from the arbiter within {WAIT_S:.0f}s") from None
@@ -144,7 +146,7 @@ class _Links:
         with self.ctx.node.coordinator() as c:
             try:
                 _retrying(lambda: c.request(
-                    "PUT", f"/v1/arbiter/{self.ctx.job_id}/in/{self._arb_seq}?gen={self.gen}",
+                    "PUT", f"/v1/arbiter/{self.ctx.job_id}/in/{self._arb_seq}", params={"gen": self.gen},
                     content=body, content_type="application/octet-stream"), self.stop)
             except Conflict as exc:
                 # Our seq advances only after a PUT succeeds, so "already sent" means the
@@ -282,6 +284,8 @@ def _resume_round(ctx: StepContext, epochs: list[int], gen: int | None) -> tuple
             r = _retrying(lambda: c.post(f"/v1/arbiter/{ctx.job_id}/resume", body), stop)
             gen = int(r["gen"])
             if "epoch" in r:
+                log.warning("job %s: training resumes in generation %d from epoch %d (offered %s)",
+                            ctx.job_id, gen, int(r["epoch"]), epochs)
                 return gen, int(r["epoch"])
             if time.monotonic() > deadline:
                 raise ProtocolError(f"the other parties did not rejoin the training within {WAIT_S:.0f}s")
