@@ -91,6 +91,12 @@ def _check_categories(value: Any, features: Mapping[str, Sequence[str]]) -> dict
     return out
 
 
+def _match_jobs_ok(value: Any) -> bool:
+    if isinstance(value, dict):
+        return bool(value) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items())
+    return isinstance(value, str) and bool(value)
+
+
 class TrainJob:
     name = "train"
 
@@ -101,9 +107,9 @@ class TrainJob:
         if unknown:
             raise ValidationError(f"train takes {sorted(PARAMS)}, not {sorted(unknown)}", field="params")
         match_job = params.get("match_job")
-        if not isinstance(match_job, str) or not match_job:
-            raise ValidationError("name the match job whose join keys align the rows (params.match_job)",
-                                  field="match_job")
+        if not _match_jobs_ok(match_job):
+            raise ValidationError("name the match job whose join keys align the rows (params.match_job; with several "
+                                  "partners a mapping partner -> its match job with the brand)", field="match_job")
         guests = [p.name for p in spec.parties if p.role == "label_holder"]
         if len(guests) != 1:
             raise ValidationError("vertical training needs exactly one label holder in the agreement")
@@ -163,6 +169,12 @@ class TrainJob:
         standardize = params.get("standardize", True)
         if not isinstance(standardize, bool):
             raise ValidationError("standardize must be true or false", field="standardize")
+        if isinstance(match_job, dict) and set(match_job) != set(host_features):
+            raise ValidationError(f"match_job names {sorted(match_job)}; the partners training are "
+                                  f"{sorted(host_features)}", field="match_job")
+        if len(host_features) > 1 and not isinstance(match_job, dict):
+            raise ValidationError("several partners match the brand in separate match jobs: give match_job as "
+                                  "{partner: match job id}", field="match_job")
         return {"match_job": match_job, "label": label, "guest": guest, "hosts": sorted(host_features),
                 "guest_features": guest_features, "host_features": host_features,
                 "test_fraction": float(tf), "seed": seed, "train": cfg.model_dump(mode="json"),
@@ -174,7 +186,9 @@ class TrainJob:
     def on_start(self, coordinator: Any, job_id: str, spec: AgreementSpec, params: dict[str, Any]) -> None:
         from coordinator import arbiter
 
-        arbiter.check_match_job(coordinator, job_id, params["match_job"])
+        mj = params["match_job"]
+        for job in (mj.values() if isinstance(mj, dict) else [mj]):
+            arbiter.check_match_job(coordinator, job_id, job)
         arbiter.start_session(coordinator, job_id, params)
 
     def finalize(self, spec: AgreementSpec, params: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -235,8 +249,9 @@ class ScoreJob:
         if unknown:
             raise ValidationError(f"score takes model, dataset and match_job, not {sorted(unknown)}", field="params")
         match_job = params.get("match_job")
-        if match_job is not None and (not isinstance(match_job, str) or not match_job):
-            raise ValidationError("match_job must be the id of a match job of the leads", field="match_job")
+        if match_job is not None and not _match_jobs_ok(match_job):
+            raise ValidationError("match_job must be the id of a match job of the leads (or, several partners, "
+                                  "a mapping partner -> match job)", field="match_job")
         model = params.get("model")
         if not isinstance(model, str) or not model:
             raise ValidationError("name the model version (the train job id) in params.model", field="model")
@@ -258,8 +273,9 @@ class ScoreJob:
         from coordinator import arbiter
 
         arbiter.check_model(coordinator, job_id, params["model"], params["hosts"])
-        if params.get("match_job"):
-            arbiter.check_match_job(coordinator, job_id, params["match_job"])
+        mj = params.get("match_job")
+        for job in (mj.values() if isinstance(mj, dict) else [mj] if mj else []):
+            arbiter.check_match_job(coordinator, job_id, job)
         arbiter.start_session(coordinator, job_id, {**params, "train": {}, "mode": "score"})
 
     def finalize(self, spec: AgreementSpec, params: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -337,6 +337,47 @@ def _encoder(model: dict[str, Any]) -> Any:
     return Encoder.identity(list(model["features"]))
 
 
+def _joins(ctx: StepContext, match_job: str, dataset: str) -> dict[str, str]:
+    """This node's row key -> join key of `match_job` (which must have matched `dataset`)."""
+    with session_scope(ctx.node.factory) as s:
+        rows = s.execute(select(PsiMatch.row_key, PsiMatch.join_key, PsiMatch.dataset, PsiMatch.agreement_id)
+                         .where(PsiMatch.job_id == match_job)).all()
+    if not rows:
+        raise ValidationError(f"this node holds no matched rows of match job {match_job}; run a match job first",
+                              field="match_job")
+    if {r[3] for r in rows} != {ctx.agreement.agreement_id} or {r[2] for r in rows} != {dataset}:
+        raise ValidationError(f"match job {match_job} matched another dataset or ran under another agreement",
+                              field="match_job")
+    return {str(r[0]): str(r[1]) for r in rows}
+
+
+def _align_hub(ctx: StepContext, guest: str, hosts: list[str], allowed: set[str],
+               host_joins: dict[str, dict[str, str]]) -> list[str]:
+    """Rows and their order when each partner matched the brand in its own match job (several
+    partners): every partner sends the guest SHA-256(job id, join key) of its allowed matched
+    rows; the guest keeps its allowed rows that every partner allows, orders them, and sends
+    each partner the digests of *that partner's* join keys in that order. A partner learns
+    which of its matched rows are used (as with one partner) and the row count, nothing about
+    the other partners' rows. Returns this node's join keys (the guest: with the first partner)
+    in the agreed order."""
+    ch = RelayChannel(ctx.node, ctx.job_id, "vfl.gate", ctx.cancelled)
+    me = ctx.node.identity.name
+    if me != guest:
+        mine = {_key_digest(ctx.job_id, host_joins[guest][r]): host_joins[guest][r] for r in allowed}
+        ch.send(guest, json.dumps(sorted(mine)).encode())
+        order = _json_keys(ch.recv(guest, timeout=WAIT_S), guest)
+        if len(set(order)) != len(order) or not set(order) <= set(mine):
+            raise ProtocolError(f"{guest} asked for rows this node did not offer")
+        return [mine[d] for d in order]
+    offered = {h: set(_json_keys(ch.recv(h, timeout=WAIT_S), h)) for h in hosts}
+    digest = {h: {r: _key_digest(ctx.job_id, host_joins[h][r]) for r in allowed if r in host_joins[h]} for h in hosts}
+    rows = [r for r in allowed if all(r in digest[h] and digest[h][r] in offered[h] for h in hosts)]
+    rows.sort(key=lambda r: digest[hosts[0]][r])  # an order that says nothing about the rows
+    for h in hosts:
+        ch.send(h, json.dumps([digest[h][r] for r in rows]).encode())
+    return [host_joins[hosts[0]][r] for r in rows]
+
+
 def _agree_rows(ctx: StepContext, allowed_keys: set[str], others: list[str]) -> set[str]:
     """The join keys allowed at every node (see the module docstring)."""
     ch = RelayChannel(ctx.node, ctx.job_id, "vfl.gate", ctx.cancelled)
@@ -386,7 +427,16 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
     rule = ctx.agreement.spec.rule(ctx.job_type or "train")
     features = list(p["guest_features"] if is_guest else p["host_features"][me])
     columns = features + ([p["label"]] if is_guest else [])
-    dataset, key, frame, joins, types = _dataset_and_frame(ctx, p["match_job"], columns)
+    # One match job for everyone, or (several partners) one per partner: the guest is then the
+    # hub that aligns every partner's rows (`_align_hub`).
+    mj = p["match_job"]
+    hub = isinstance(mj, dict)
+    my_jobs = ([mj[h] for h in hosts] if is_guest else [mj[me]]) if hub else [mj]
+    dataset, key, frame, joins, types = _dataset_and_frame(ctx, my_jobs[0], columns)
+    host_joins = {hosts[0] if is_guest else guest: joins}
+    for h, job in zip(hosts[1:] if is_guest and hub else [], my_jobs[1:]):
+        host_joins[h] = _joins(ctx, job, dataset)
+        frame = frame[frame[key].isin(host_joins[h])]  # the guest trains on rows every partner matched
     what = f"{me} dataset {dataset}"
     encode = {"categories": (p.get("categories") or {}).get(me),
               "max_categories": int(p.get("max_categories", features_mod.MAX_CATEGORIES)),
@@ -407,29 +457,35 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
             denied[reason] = max(denied.get(reason, 0), n)
     store = _Snapshots(ctx)
     agreed = store.load_rows()
+    allowed_keys = {joins[s] for s in allowed if s in joins}
     if agreed is not None:
-        # This node restarted mid-training: the rows every party agreed on before (no new
-        # exchange: the others are mid-training). They must all still pass the gate here.
-        lost = set(agreed) - {joins[s] for s in allowed if s in joins}
+        # This node restarted mid-training: the rows every party agreed on before, in their
+        # order (no new exchange: the others are mid-training). All must still pass the gate.
+        lost = set(agreed) - allowed_keys
         if lost:
             store.delete()
             raise ValidationError(f"{len(lost)} of the training rows agreed before this node restarted no longer "
                                   "pass the consent gate here; rerun the job")
-        final = set(agreed)
+        ordered = list(agreed)
     else:
         if _attempt(ctx) > 1:
             raise ProtocolError("this node restarted before the parties agreed on the training rows; "
                                 "the training cannot resume: rerun the job")
-        final = _agree_rows(ctx, {joins[s] for s in allowed}, others)
+        if hub:
+            ordered = _align_hub(ctx, guest, hosts, allowed, host_joins)
+        else:
+            ordered = sorted(_agree_rows(ctx, allowed_keys, others))
     frame = frame.assign(_join=frame[key].map(joins))
-    frame = frame[frame["_join"].isin(final)].sort_values("_join", kind="stable")
-    if len(frame) != len(final):
+    if not set(ordered) <= set(frame["_join"]):
         raise ValidationError("the agreed rows are not all present at this node; rerun the match job")
+    frame = frame.set_index("_join", drop=False).loc[ordered]
     used = frame[key].tolist()
     for other in others:
         ctx.node.consent.record_usage(ctx.job_id, rule.purpose, used, agreement_id=ctx.agreement.agreement_id,
                                       recipient=other)
-    join_keys = frame["_join"].tolist()
+    # The roles compare a digest of these in PartyHello: the shared join keys, or (hub) the
+    # row positions, since the partners' join keys differ.
+    join_keys = [f"{ctx.job_id}:{i}" for i in range(len(ordered))] if hub else list(ordered)
     y = None
     if is_guest:
         raw = frame[p["label"]]
@@ -468,7 +524,7 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
                           arbiter=ARBITER, executor=executor)
 
     if agreed is None:
-        store.save_rows(sorted(final))
+        store.save_rows(list(ordered))
     links: _Links | None = None
     sent = 0
     resumed_from: list[int] = []
@@ -655,7 +711,8 @@ def score_step(ctx: StepContext) -> dict[str, Any]:
     rule = ctx.agreement.spec.rule(ctx.job_type or "score")
     part = _model_part(ctx, p["model"], me)
     # The leads' join keys: from the job's match job (fresh leads), else the model's.
-    model, match_job = part["model"], p.get("match_job") or part["match_job"]
+    model, mj = part["model"], p.get("match_job") or part["match_job"]
+    match_job = (mj[me] if me in mj else None) if isinstance(mj, dict) else mj  # this host's (several partners)
     features = list(model["features"])
     ch = RelayChannel(ctx.node, ctx.job_id, "score", ctx.cancelled)
     now = dt.datetime.now(dt.timezone.utc)
@@ -703,31 +760,35 @@ def score_step(ctx: StepContext) -> dict[str, Any]:
         allowed &= set(decision.allowed)
         for reason, n in decision.denied_counts.items():
             denied[reason] = max(denied.get(reason, 0), n)
-    with session_scope(ctx.node.factory) as s:
-        rows = s.execute(select(PsiMatch.row_key, PsiMatch.join_key)
-                         .where(PsiMatch.job_id == match_job, PsiMatch.dataset == dataset)).all()
-    join_of = {str(r): str(k) for r, k in rows if str(r) in allowed}
-    requested = sorted(join_of.values())
+    # Each partner's join keys of the leads (one match job for all, or one per partner).
+    per_host: dict[str, dict[str, str]] = {}
     for h in hosts:
-        ch.send(h, json.dumps(requested).encode())
-    final_set = set(requested)
+        with session_scope(ctx.node.factory) as s:
+            rows = s.execute(select(PsiMatch.row_key, PsiMatch.join_key)
+                             .where(PsiMatch.job_id == (mj[h] if isinstance(mj, dict) else mj),
+                                    PsiMatch.dataset == dataset)).all()
+        per_host[h] = {str(r): str(k) for r, k in rows if str(r) in allowed}
+    requested_rows = [r for r in leads if all(r in per_host[h] for h in hosts)]
     for h in hosts:
-        final_set &= set(_json_keys(ch.recv(h, timeout=WAIT_S), h))
-    final = sorted(final_set)
+        ch.send(h, json.dumps(sorted(per_host[h][r] for r in requested_rows)).encode())
+    ok_rows = set(requested_rows)
     for h in hosts:
-        ch.send(h, json.dumps(final).encode())
-    lead_of = {k: r for r, k in join_of.items()}
+        offered = set(_json_keys(ch.recv(h, timeout=WAIT_S), h))
+        ok_rows &= {r for r in requested_rows if per_host[h][r] in offered}
+    final_rows = sorted(ok_rows, key=lambda r: per_host[hosts[0]][r])
+    for h in hosts:
+        ch.send(h, json.dumps([per_host[h][r] for r in final_rows]).encode())
     X = _encoder(model).transform(frame, f"{dataset} leads")
     pos = {r: i for i, r in enumerate(leads)}
-    idx = np.array([pos[lead_of[k]] for k in final], dtype=np.int64)
+    idx = np.array([pos[r] for r in final_rows], dtype=np.int64)
     partial = R.guest_partial(model, X[idx]) if len(idx) else np.zeros(0)
     _send_share(ctx, me, partial, list(model["mask_seeds"]), "guest")
     joint = _arbiter_scores(ctx, ctx.job_id)
-    if len(joint) != len(final):
-        raise ProtocolError(f"{len(joint)} scores for {len(final)} leads")
+    if len(joint) != len(final_rows):
+        raise ProtocolError(f"{len(joint)} scores for {len(final_rows)} leads")
     gonly = part["guest_only_model"]
-    scores: dict[str, dict[str, Any]] = {lead_of[k]: {"score": float(v), "partner_missing": False}
-                                         for k, v in zip(final, joint)}
+    scores: dict[str, dict[str, Any]] = {r: {"score": float(v), "partner_missing": False}
+                                         for r, v in zip(final_rows, joint)}
     rest = [r for r in leads if r in allowed and r not in scores]
     if rest:
         ridx = np.array([pos[r] for r in rest], dtype=np.int64)

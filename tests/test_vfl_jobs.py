@@ -9,8 +9,10 @@ test starts them with CONFIDE_TEST_SHORT_KEYS=1. This checks the wiring, not the
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import random
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.slow
 NOW = dt.datetime.now(dt.timezone.utc)
 GUEST_X = [f"x{i}" for i in range(10)]
 HOST_X = [f"p{i}" for i in range(20)]
+HOST2_X = [f"q{i}" for i in range(6)]
 # The plaintext oracle (train_guest_only) is FATE's Taylor loss; pin it where the core offers others.
 TRAIN = {"key_bits": 1024, "allow_short_keys": True, "max_epochs": 20,
          **({"loss": "taylor"} if "loss" in TrainConfig.model_fields else {})}
@@ -53,7 +56,16 @@ def _world() -> dict:
     # Some subjects refuse modeling, at each node (the train job must drop them at BOTH).
     brand_refuse = {s for k, s in enumerate(brand["lead_id"]) if k % 11 == 3}
     partner_refuse = {s for k, s in enumerate(partner["person_id"]) if k % 13 == 5}
-    return {"brand": brand, "partner": partner, "refuse": {"brand": brand_refuse, "partner": partner_refuse}}
+    # A second partner (ids 20..279) with its own signals: noisy functions of some host columns.
+    rng = np.random.default_rng(5)
+    p2 = h.iloc[20:280][["id"]].copy()
+    for i, c in enumerate(HOST2_X):
+        p2[c] = h.iloc[20:280][HOST_X[10 + i]].to_numpy() * 0.5 + rng.normal(0, 0.2, len(p2))
+    p2.insert(0, "person_id", [f"Q{i}" for i in p2["id"]])
+    p2.insert(1, "phone", [phones[int(i)] for i in p2["id"]])
+    p2_refuse = {s for k, s in enumerate(p2["person_id"]) if k % 17 == 7}
+    return {"brand": brand, "partner": partner, "partner2": p2,
+            "refuse": {"brand": brand_refuse, "partner": partner_refuse, "partner2": p2_refuse}}
 
 
 def _consent(net: LocalNet, party: str, subjects: list[str], refuse: set[str], recipients: list[str]) -> None:
@@ -80,50 +92,87 @@ def _consent(net: LocalNet, party: str, subjects: list[str], refuse: set[str], r
         assert c.post("/v1/consent/events/batch", {"events": events})["recorded"] == len(events)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNet, dict]]:
+def _ingest(net: LocalNet, work: Path, party: str, frame: pd.DataFrame, key: str, name: str, label: str | None,
+            cols: list[str], cat: str | None) -> None:
+    frame.to_csv(work / f"{name}.csv", index=False)
+    schema = (f"dataset: {name}\nkey: {key}\nidentifiers:\n  - {{column: phone, type: phone}}\nfeatures:\n"
+              + "".join(f"  - {{column: {c}, type: float}}\n" for c in cols)
+              + ("  - {{column: {}, type: {}}}\n".format(*cat.split(": ")) if cat else "")
+              + (f"labels:\n  - {{column: {label}, type: binary}}\n" if label else ""))
+    (work / f"{name}.yaml").write_text(schema)
+    confide("node", "register", "--config", str(net.config(party)))
+    confide("node", "ingest", str(work / f"{name}.csv"), "--schema", str(work / f"{name}.yaml"),
+            "--config", str(net.config(party)))
+
+
+def _agree(net: LocalNet, agreement_id: str, parties: dict[str, tuple[str, list[str]]]) -> None:
+    """An active agreement for match/train/score between `parties` = {party: (dataset, columns)}."""
+    names = tuple(parties)
+    agreement = spec(agreement_id, parties=names, jobs=("match", "train"),
+                     datasets={p: [d] for p, (d, _) in parties.items()},
+                     purposes=["audience", "modeling.lead_scoring", "scoring.lead"])
+    for i, (p, (d, cols)) in enumerate(parties.items()):
+        agreement["parties"][i]["identifiers"] = [{"dataset": d, "column": "phone", "type": "phone"}]
+        agreement["parties"][i]["columns"] = {d: cols}
+    agreement["allowed_jobs"] = [{"type": "match", "purpose": "audience.match"},
+                                 {"type": "train", "purpose": "modeling.lead_scoring"},
+                                 {"type": "score", "purpose": "scoring.lead"}]
+    with net.client(names[0]) as c:
+        d = c.post("/v1/admin/agreements", agreement)
+        c.post(f"/v1/admin/agreements/{agreement_id}/versions/1/sign", {"digest": d["digest"]})
+    for p in names[1:]:
+        with net.client(p) as c:
+            doc = c.post(f"/v1/admin/agreements/{agreement_id}/versions/1/sign", {})
+    assert doc["status"] == "active"
+
+
+def _match(net: LocalNet, agreement_id: str, partner: str | None = None) -> str:
+    with net.client("brand") as c:
+        job = c.post("/v1/admin/jobs", {"type": "match", "agreement_id": agreement_id,
+                                        "params": {"id_types": ["phone"], **({"partner": partner} if partner else {})}})
+    job = wait_job(net, "brand", job["id"], timeout=60)
+    assert job["status"] == "succeeded", job.get("error")
+    return str(job["id"])
+
+
+def _make_world(work: Path, with_partner2: bool) -> Iterator[tuple[LocalNet, dict]]:
     w = _world()
-    work = tmp_path_factory.mktemp("vfl")
-    with LocalNet(work, [("brand", "brand"), ("partner", "partner")],
-                  coordinator_settings={"poll_interval_s": 0.1}) as net:
+    parties = [("brand", "brand"), ("partner", "partner")] + ([("partner2", "partner")] if with_partner2 else [])
+    with LocalNet(work, parties, coordinator_settings={"poll_interval_s": 0.1}) as net:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("CONFIDE_TEST_SHORT_KEYS", "1")  # copied into the service processes only
             net.start_all()
-        for party, key, name, label, cols, cat in (("brand", "lead_id", "leads", "y", GUEST_X, "segment: category"),
-                                                   ("partner", "person_id", "people", None, HOST_X, "band: int")):
+        brand_to = ["partner", "partner2"] if with_partner2 else ["partner"]
+        for party, key, name, label, cols, cat, to in (
+                ("brand", "lead_id", "leads", "y", GUEST_X, "segment: category", brand_to),
+                # With several partners each also learns the others take part on the same (aligned)
+                # rows, so its subjects' separate consent names every party of the training.
+                ("partner", "person_id", "people", None, HOST_X, "band: int",
+                 ["brand", "partner2"] if with_partner2 else ["brand"]),
+                *([("partner2", "person_id", "people2", None, HOST2_X, None, ["brand", "partner"])]
+                  if with_partner2 else [])):
             frame = w[party].drop(columns=["id"])
-            frame.to_csv(work / f"{name}.csv", index=False)
-            c, t = cat.split(": ")
-            schema = (f"dataset: {name}\nkey: {key}\nidentifiers:\n  - {{column: phone, type: phone}}\nfeatures:\n"
-                      + "".join(f"  - {{column: {c}, type: float}}\n" for c in cols)
-                      + f"  - {{column: {c}, type: {t}}}\n"
-                      + (f"labels:\n  - {{column: {label}, type: binary}}\n" if label else ""))
-            (work / f"{name}.yaml").write_text(schema)
-            confide("node", "register", "--config", str(net.config(party)))
-            confide("node", "ingest", str(work / f"{name}.csv"), "--schema", str(work / f"{name}.yaml"),
-                    "--config", str(net.config(party)))
-            _consent(net, party, frame[key].tolist(), w["refuse"][party], [q for q in ("brand", "partner") if q != party])
-        agreement = spec("vfl-2026", jobs=("match", "train"), datasets={"brand": ["leads"], "partner": ["people"]},
-                         purposes=["audience", "modeling.lead_scoring", "scoring.lead"])
-        agreement["parties"][0]["identifiers"] = [{"dataset": "leads", "column": "phone", "type": "phone"}]
-        agreement["parties"][1]["identifiers"] = [{"dataset": "people", "column": "phone", "type": "phone"}]
-        agreement["parties"][0]["columns"] = {"leads": ["y", *GUEST_X, "segment"]}
-        agreement["parties"][1]["columns"] = {"people": [*HOST_X, "band"]}
-        agreement["allowed_jobs"] = [{"type": "match", "purpose": "audience.match"},
-                                     {"type": "train", "purpose": "modeling.lead_scoring"},
-                                     {"type": "score", "purpose": "scoring.lead"}]
-        with net.client("brand") as c:
-            d = c.post("/v1/admin/agreements", agreement)
-            c.post("/v1/admin/agreements/vfl-2026/versions/1/sign", {"digest": d["digest"]})
-        with net.client("partner") as c:
-            assert c.post("/v1/admin/agreements/vfl-2026/versions/1/sign", {})["status"] == "active"
-        with net.client("brand") as c:
-            job = c.post("/v1/admin/jobs", {"type": "match", "agreement_id": "vfl-2026",
-                                            "params": {"id_types": ["phone"]}})
-        job = wait_job(net, "brand", job["id"], timeout=60)
-        assert job["status"] == "succeeded", job.get("error")
-        w["match_job"] = job["id"]
+            _ingest(net, work, party, frame, key, name, label, cols, cat)
+            _consent(net, party, frame[key].tolist(), w["refuse"][party], to)
+        _agree(net, "vfl-2026", {"brand": ("leads", ["y", *GUEST_X, "segment"]), "partner": ("people", [*HOST_X, "band"])})
+        w["match_job"] = _match(net, "vfl-2026")
+        if with_partner2:
+            _agree(net, "vfl3-2026", {"brand": ("leads", ["y", *GUEST_X]), "partner": ("people", HOST_X),
+                                      "partner2": ("people2", HOST2_X)})
+            w["match3"] = {p: _match(net, "vfl3-2026", p) for p in ("partner", "partner2")}
         yield net, w
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNet, dict]]:
+    yield from _make_world(tmp_path_factory.mktemp("vfl"), with_partner2=False)
+
+
+@pytest.fixture(scope="module")
+def world3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNet, dict]]:
+    """As `world`, plus a second partner: agreement vfl3-2026 between the brand and both
+    partners, with one match job per partner."""
+    yield from _make_world(tmp_path_factory.mktemp("vfl3"), with_partner2=True)
 
 
 def _private(net: LocalNet, party: str, job_id: str) -> dict:
@@ -414,3 +463,64 @@ def test_categorical_features_are_one_hot_at_their_own_node_and_scoring_uses_the
             assert s["score"] == pytest.approx(1 / (1 + np.exp(-u)), abs=1e-4)
             checked += 1
     assert checked >= 50
+
+
+def test_one_brand_and_two_partners_train_one_model_across_real_processes(world3) -> None:  # type: ignore[no-untyped-def]
+    """Multi-host: each partner matched the brand in its own match job; the brand aligns both
+    (hub), the three parties train one model with the arbiter, and scoring uses both parts."""
+    net, w = world3
+    params = {"match_job": w["match3"], "label": "y", "guest_features": GUEST_X,
+              "host_features": {"partner": HOST_X, "partner2": HOST2_X}, "test_fraction": 0.2, "seed": 42,
+              "train": TRAIN}
+    with net.client("brand") as c:
+        job = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl3-2026", "params": params})
+    job = wait_job(net, "brand", job["id"], timeout=180)
+    assert job["status"] == "succeeded", job.get("error")
+
+    # Oracle: the brand's rows matched by both partners, allowed at all three nodes, in plaintext.
+    b = w["brand"].set_index("lead_id")
+    hosts = {"partner": ("person_id", HOST_X), "partner2": ("person_id", HOST2_X)}
+    theirs = {h: {k: r for r, k in _join_keys(net, h, w["match3"][h]).items()} for h in hosts}
+    mine = {h: _join_keys(net, "brand", w["match3"][h]) for h in hosts}
+    rows = [r for r in b.index if r not in w["refuse"]["brand"]
+            and all(r in mine[h] and mine[h][r] in theirs[h] and theirs[h][mine[h][r]] not in w["refuse"][h]
+                    for h in hosts)]
+    rows.sort(key=lambda r: hashlib.sha256(f"{job['id']}\x00{mine['partner'][r]}".encode()).hexdigest())
+    parts = [b.loc[rows, GUEST_X].to_numpy(float)]
+    for h, (key, cols) in hosts.items():
+        frame = w[h].set_index(key)
+        parts.append(frame.loc[[theirs[h][mine[h][r]] for r in rows], cols].to_numpy(float))
+    train, test = split_indices(len(rows), 0.2, 42)
+    X = _standardised(np.hstack(parts), train)
+    y = b.loc[rows, "y"].to_numpy()
+    plain = train_guest_only(X[train], y[train], TrainConfig(**TRAIN, seed=42, k_min=50))
+
+    g, p1, p2 = (_private(net, party, job["id"]) for party in ("brand", "partner", "partner2"))
+    assert g["rows"] == p1["rows"] == p2["rows"] == len(rows)
+    assert (len(p1["model"]["weights"]), len(p2["model"]["weights"])) == (len(HOST_X), len(HOST2_X))
+    fed = np.array([*g["model"]["weights"], *p1["model"]["weights"], *p2["model"]["weights"], g["model"]["intercept"]])
+    ref = np.array([*plain["weights"], plain["intercept"]])
+    assert g["epochs"] == plain["epochs"]
+    assert np.abs(fed - ref).max() < 1e-3, np.abs(fed - ref).max()
+    assert job["result"]["model"]["feature_counts"] == {"brand": len(GUEST_X), "partner": len(HOST_X),
+                                                        "partner2": len(HOST2_X)}
+    # Neither partner holds the other's rows, features or weights, nor labels or metrics.
+    for part, other in ((p1, "q0"), (p2, "p0")):
+        text = json.dumps(part)
+        assert "metrics" not in part and "auc" not in text and f'"{other}"' not in text
+
+    # Scoring with both parts: the brand's leads every partner knows get the three-party score.
+    with net.client("brand") as c:
+        sj = c.post("/v1/admin/jobs", {"type": "score", "agreement_id": "vfl3-2026",
+                                       "params": {"model": job["id"], "dataset": "leads"}})
+    sj = wait_job(net, "brand", sj["id"], timeout=60)
+    assert sj["status"] == "succeeded", sj.get("error")
+    scores = {s["lead"]: s for s in _private(net, "brand", sj["id"])["scores"]}
+    pos = {r: i for i, r in enumerate(rows)}
+    joint = [r for r in rows if not scores[r]["partner_missing"]]
+    assert len(joint) == len(rows)  # every training row is known to both partners and allowed
+    for r in joint[:40]:
+        u = X[pos[r]] @ fed[:-1] + fed[-1]
+        assert scores[r]["score"] == pytest.approx(1 / (1 + np.exp(-u)), abs=1e-4)
+    only_one = [r for r in b.index if r in scores and sum(r in mine[h] for h in hosts) == 1]
+    assert only_one and all(scores[r]["partner_missing"] for r in only_one)
