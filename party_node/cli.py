@@ -238,14 +238,13 @@ def model_list(config: Path = CONFIG, as_json: bool = typer.Option(False, "--jso
     if as_json:
         _print(models, True)
         return
-    table = Table("version", "agreement", "guest", "hosts", "train rows", "features", "epochs", "auc (guest only)")
-    for m in models:
+    for m in models:  # one line per model, the full version first (`model show` takes it)
         hm = m.get("heldout_metrics") or {}
-        auc = "suppressed" if hm.get("suppressed") else f"{hm['auc']:.4f} ({hm['guest_only']['auc']:.4f})"
-        table.add_row(m["version"], f"{m['agreement_id']} v{m['agreement_version']}", str(m["guest"]),
-                      ", ".join(m["hosts"] or []), str(m["data"].get("train_rows")),
-                      " + ".join(str(v) for v in m["feature_counts"].values()), str(m["training"].get("epochs")), auc)
-    out.print(table)
+        auc = "suppressed" if hm.get("suppressed") else f"{hm['auc']:.4f} (guest only {hm['guest_only']['auc']:.4f})"
+        typer.echo(f"{m['version']}  {m['agreement_id']} v{m['agreement_version']}  guest={m['guest']}  "
+                   f"hosts={','.join(m['hosts'] or [])}  train_rows={m['data'].get('train_rows')}  "
+                   f"features={'+'.join(str(v) for v in m['feature_counts'].values())}  "
+                   f"epochs={m['training'].get('epochs')}  auc={auc}")
 
 
 @model_app.command("show")
