@@ -88,6 +88,7 @@ class Session:
     decided: int | None = 0
     snapshots: dict[int, dict[str, Any]] = field(default_factory=dict)
     rows: int = 0
+    recovering: bool = False  # rebuilt after a coordinator restart: the parties must rejoin first
 
     @property
     def parties(self) -> list[str]:
@@ -330,8 +331,12 @@ def _run(coord: Any, sess: Session) -> None:
             _score(coord, sess)
             return
         cfg = R.TrainConfig(**sess.config)
+        rejoin = sess.recovering
         while True:
             try:
+                if rejoin:
+                    rejoin = False
+                    raise _Resumed()
                 sender, data = _next_message(coord, sess, gen)
                 if data[:1] == b"C":
                     if role is not None or sender in rows:
@@ -372,6 +377,7 @@ def _run(coord: Any, sess: Session) -> None:
                 epoch = _await_round(coord, sess)
                 with sess.cond:
                     gen = sess.gen
+                    sess.recovering = False
                 if epoch > 0:
                     role = R.ArbiterRole(ARBITER, sess.job_id, cfg, guest=sess.guest, hosts=sess.hosts,
                                          rows=sess.rows)
@@ -426,15 +432,59 @@ def _forget(job_id: str) -> None:
         _SESSIONS.pop(job_id, None)
 
 
+def _recover(coord: Any, job_id: str) -> Session | None:
+    """After a coordinator restart: rebuild a running training job's arbiter from its sealed
+    snapshots (None if there are none, or they do not open). The parties learn it from their next
+    mailbox call and rejoin in a new generation, as after a node restart."""
+    from sqlalchemy import select
+
+    from coordinator.storage.models import ArbiterSnapshot, Job
+
+    with session_scope(coord.factory) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.type != "train" or job.status != "running":
+            return None
+        found = [(r.epoch, r.rows, bytes(r.sealed)) for r in s.scalars(
+            select(ArbiterSnapshot).where(ArbiterSnapshot.job_id == job_id).order_by(ArbiterSnapshot.epoch))]
+        params = dict(job.params)
+    if not found:
+        return None
+    try:
+        snaps = {e: open_snapshot(coord, job_id, e, sealed) for e, _, sealed in found}
+    except ProtocolError as exc:
+        log.warning("job %s: cannot resume the arbiter: %s", job_id, exc.message)
+        return None
+    sess = Session(job_id=job_id, guest=params["guest"], hosts=list(params["hosts"]), config=dict(params["train"]))
+    sess.next_in = {p: 0 for p in sess.parties}
+    sess.outbox = {p: [] for p in sess.parties}
+    sess.snapshots, sess.rows, sess.recovering = snaps, found[-1][1], True
+    sess.gen, sess.decided = 1, None  # a round is open; its number floats above the parties' (below)
+    with _LOCK:
+        if job_id in _SESSIONS:
+            return _SESSIONS[job_id]
+        _SESSIONS[job_id] = sess
+    log.warning("arbiter for job %s rebuilt from its snapshot of epoch %d after a restart", job_id, max(snaps))
+    threading.Thread(target=_run, args=(coord, sess), name=f"arbiter-{job_id[:8]}", daemon=True).start()
+    return sess
+
+
+def _float_gen(sess: Session, gen: int | None) -> None:
+    """A rebuilt session does not know the parties' generation: keep its open round above it
+    (call holding `sess.cond`)."""
+    if sess.recovering and sess.decided is None and gen is not None and gen >= sess.gen:
+        sess.gen = gen + 1
+        sess.cond.notify_all()
+
+
 def _session_for(coord: Any, job_id: str, peer: str) -> Session:
     from coordinator import service
 
     with session_scope(coord.factory) as s:
         service.get_job(s, job_id, peer)  # NotFound unless the peer is a party of the job's agreement
-    sess = session(job_id)
+    sess = session(job_id) or _recover(coord, job_id)
     if sess is None:
-        raise Conflict(f"no arbiter is running for job {job_id} (finished, or the coordinator restarted: "
-                       "rerun the job)")
+        raise Conflict(f"no arbiter is running for job {job_id} (finished, or the coordinator restarted "
+                       "before the first epoch completed: rerun the job)")
     if peer not in sess.parties:
         raise PermissionDenied(f"{peer!r} is not a party of training job {job_id}")
     return sess
@@ -463,6 +513,7 @@ def arbiter_router(coord: Any, party_dep: Callable[..., Any]) -> APIRouter:
                 raise Conflict(f"the arbiter failed: {sess.error}")
             if sess.done:
                 raise Conflict(f"the arbiter of job {job_id} has finished")
+            _float_gen(sess, gen)
             if gen < sess.gen:
                 raise Conflict(f"{RESUMED} (generation {sess.gen}); message of generation {gen} dropped")
             if gen > sess.gen or sess.decided is None:
@@ -482,6 +533,7 @@ def arbiter_router(coord: Any, party_dep: Callable[..., Any]) -> APIRouter:
         sess = _session_for(coord, job_id, peer.name)
         deadline = time.monotonic() + LONG_POLL_S
         with sess.cond:
+            _float_gen(sess, gen)
             while True:
                 if gen < sess.gen:  # the caller's generation is over: tell it to resume
                     return Response(content=b"C" + json.dumps({"resume": sess.gen}).encode(),
@@ -516,6 +568,8 @@ def arbiter_router(coord: Any, party_dep: Callable[..., Any]) -> APIRouter:
                 raise Conflict(f"the arbiter failed: {sess.error}")
             if sess.done:
                 raise Conflict(f"the arbiter of job {job_id} has finished")
+            if sess.recovering and sess.decided is None and join is not None and join > sess.gen:
+                sess.gen = join  # a party that had joined before the restart
             if join is not None and join > sess.gen:
                 raise ValidationError(f"generation {join} was never opened", field="gen")
             if not (join == sess.gen and sess.decided is not None):

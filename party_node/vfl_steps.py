@@ -166,7 +166,14 @@ class _Links:
                 self.to_arbiter(b"M" + m.encode(msg))
             else:
                 data = m.encode(msg)
-                _retrying(lambda: self.relay.send(to, data), self.stop, idempotent=False)
+                try:
+                    _retrying(lambda: self.relay.send(to, data), self.stop, idempotent=False)
+                except RemoteError as exc:
+                    if exc.details.get("status") is not None:
+                        raise
+                    # Cut off mid-send (e.g. the coordinator restarted): whether it arrived is
+                    # unknown, so everyone restores the last epoch in a new generation instead.
+                    raise _Resume(None) from None
 
     def recv(self) -> Any:
         deadline = time.monotonic() + WAIT_S

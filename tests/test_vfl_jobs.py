@@ -382,28 +382,33 @@ def test_score_gives_the_brand_joint_or_guest_only_scores_and_skips_opted_out_le
     assert bad["status"] == "failed" and "does not exist" in bad["error"]
 
 
-def test_coordinator_restart_mid_training_fails_the_job_cleanly(world) -> None:  # type: ignore[no-untyped-def]
-    """The arbiter's state lives in the coordinator's memory only (documented): a restart ends
-    the session; the parties' next mailbox call gets 409, their steps fail, the job fails with
-    the reason."""
+def test_coordinator_restart_before_the_first_epoch_fails_the_job_cleanly(world) -> None:  # type: ignore[no-untyped-def]
+    """Before the first completed epoch there is no sealed arbiter snapshot to rebuild from (a
+    restart later resumes: tests/test_vfl_resume.py): the parties' next coordinator call fails
+    (409, or cut off mid-write), their steps fail and the job fails with the reason."""
     import time
 
     net, w = world
-    long = {**TRAIN, "max_epochs": 1000, "tol": 0.0}
-    with net.client("brand") as c:
-        job = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": _params(w, train=long)})
-    deadline = time.monotonic() + 30
-    with net.client("brand") as c:
-        while not c.get(f"/v1/admin/jobs/{job['id']}")["status"] == "running" and time.monotonic() < deadline:
-            time.sleep(0.2)
-    time.sleep(2.0)  # training under way
-    net.kill("coordinator")
-    net.start("coordinator", extra_env={"CONFIDE_TEST_SHORT_KEYS": "1"})
-    job = wait_job(net, "brand", job["id"], timeout=60)
-    assert job["status"] == "failed", job
-    # Either the party's next mailbox call found the session gone, or a write was cut off by the
-    # restart (not retried: it may have been delivered); both end the job with the reason.
-    assert "no arbiter is running" in job["error"] or "could not reach coordinator" in job["error"], job["error"]
+    # The partner's step starts 6 s late, so the coordinator restart lands before any epoch.
+    net.kill("partner")
+    net.start("partner", extra_env={"CONFIDE_TEST_SHORT_KEYS": "1", "CONFIDE_NODE_TEST_STEP_DELAY_S": "6"})
+    try:
+        with net.client("brand") as c:
+            job = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": _params(w)})
+        deadline = time.monotonic() + 30
+        with net.client("brand") as c:
+            while c.get(f"/v1/admin/jobs/{job['id']}")["status"] != "running" and time.monotonic() < deadline:
+                time.sleep(0.2)
+        time.sleep(1.0)
+        net.kill("coordinator")
+        net.start("coordinator", extra_env={"CONFIDE_TEST_SHORT_KEYS": "1"})
+        job = wait_job(net, "brand", job["id"], timeout=90)
+        assert job["status"] == "failed", job
+        assert "no arbiter is running" in job["error"] or "could not reach coordinator" in job["error"], job["error"]
+        assert not (net.workdir / "brand" / "vfl-snapshots" / job["id"]).exists()
+    finally:
+        net.kill("partner")
+        net.start("partner", extra_env={"CONFIDE_TEST_SHORT_KEYS": "1"})
 
 
 def test_categorical_features_are_one_hot_at_their_own_node_and_scoring_uses_the_same_transform(world) -> None:  # type: ignore[no-untyped-def]

@@ -96,6 +96,31 @@ def test_node_killed_mid_training_resumes_from_the_last_epoch(world, victim: str
     assert job["result"]["training"]["epochs"] == LONG["max_epochs"]
 
 
+def test_coordinator_killed_mid_training_rebuilds_the_arbiter_from_its_sealed_snapshot(world) -> None:  # type: ignore[no-untyped-def]
+    net, w = world
+    with net.client("brand") as c:
+        job_id = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026",
+                                           "params": _params(w, train=LONG)})["id"]
+    deadline = time.monotonic() + 120
+    while not [e for e in _snapshot_epochs(net, "brand", job_id) if e >= 4]:
+        assert time.monotonic() < deadline, "training never reached epoch 4"
+        time.sleep(0.1)
+    net.kill("coordinator")  # the arbiter's memory (private key, mailbox) is gone
+    time.sleep(1.0)
+    net.start("coordinator", extra_env={"CONFIDE_TEST_SHORT_KEYS": "1"})
+    job = wait_job(net, "brand", job_id, timeout=240)
+    assert job["status"] == "succeeded", job.get("error")
+    assert all(s["attempt"] == 1 for s in job["steps"])  # no step ran twice: the nodes rejoined
+    guest, partner = _private(net, "brand", job_id), _private(net, "partner", job_id)
+    assert guest["resumed_from_epochs"] == partner["resumed_from_epochs"]
+    assert len(guest["resumed_from_epochs"]) == 1 and guest["resumed_from_epochs"][0] >= 3
+    plain = _oracle(net, w)
+    fed = np.array([*guest["model"]["weights"], *partner["model"]["weights"], guest["model"]["intercept"]])
+    ref = np.array([*plain["weights"], plain["intercept"]])
+    assert np.abs(fed - ref).max() < 1e-3, np.abs(fed - ref).max()
+    assert "rebuilt from its snapshot" in net.tail("coordinator", 200)
+
+
 def test_arbiter_snapshot_is_sealed_under_the_coordinator_key(tmp_path: Path) -> None:
     from coordinator.arbiter import open_snapshot, seal_snapshot
 
