@@ -21,9 +21,11 @@ A `score` job's session (mode `score`) holds no key: each party sends one masked
 masks cancel, and it returns the 0-1 scores to the guest only.
 
 What the arbiter sees: row counts, masked aggregates it decrypts, the per-epoch loss and the
-held-out scores (docs/vfl.md §2). Messages are kept in memory per job, never in the database:
-a coordinator restart mid-training loses the session, the parties' next mailbox call gets 409
-and their steps fail, so the orchestrator fails the job with that reason (rerun the job).
+held-out scores (docs/vfl.md §2). Messages are kept in memory per job, never in the database.
+After a coordinator restart mid-training the first mailbox call rebuilds the session from the
+sealed snapshot of the last completed epoch and the parties rejoin as below; before the first
+epoch there is none: the parties' next mailbox call gets 409 and their steps fail, so the
+orchestrator fails the job with that reason (rerun the job).
 
 Resume after a node restart (docs/vfl.md §4b). After every `EpochDone` the arbiter keeps its
 snapshot (it holds the private key: sealed with AES-GCM under a key derived from the
