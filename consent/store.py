@@ -221,6 +221,29 @@ def _us(t: dt.datetime) -> int:
     return (t - EPOCH) // _US
 
 
+_NAIVE_EPOCH = dt.datetime(1970, 1, 1)
+
+
+def _naive_utc(v: dt.datetime) -> dt.datetime:
+    """`v` as a naive UTC datetime (naive input is taken as UTC)."""
+    if v.tzinfo is None:
+        return v
+    off = v.utcoffset()
+    v = v.replace(tzinfo=None)
+    return v - off if off else v
+
+
+def _naive_us(v: dt.datetime) -> int:
+    """Microseconds since the epoch of a naive UTC datetime."""
+    return (v - _NAIVE_EPOCH) // _US
+
+
+def _naive_text(v: dt.datetime) -> str:
+    """A naive UTC datetime in `_sqlite_ts` text form."""
+    text_ = v.isoformat(" ")
+    return text_ if v.microsecond else text_ + ".000000"
+
+
 def _from_us(us: int | None) -> dt.datetime | None:
     return None if us is None else EPOCH + dt.timedelta(microseconds=us)
 
@@ -322,7 +345,7 @@ class _Prepared:
     label: str
     ref: str
     recipient: str
-    received_at: dt.datetime
+    received_at: dt.datetime  # the three times naive UTC
     valid_from: dt.datetime
     valid_until: dt.datetime | None
     actor: str
@@ -1155,23 +1178,20 @@ class _IngestContext:
         if check_key not in self._checked:
             self._check(label, e)
             self._checked.add(check_key)
-        # Aware times are used as they are (any zone works for _us and _sqlite_ts); naive = UTC.
-        rec_at = e.received_at or received_at or self.now
-        if rec_at.tzinfo is None:
-            rec_at = rec_at.replace(tzinfo=dt.timezone.utc)
-        valid_from = e.valid_from or rec_at
-        if valid_from.tzinfo is None:
-            valid_from = valid_from.replace(tzinfo=dt.timezone.utc)
-        valid_until = e.valid_until
-        if valid_until is not None and valid_until.tzinfo is None:
-            valid_until = valid_until.replace(tzinfo=dt.timezone.utc)
+        # Times are converted once to naive UTC (naive input = UTC): 10^6 events make every
+        # tz-aware datetime operation (each asks the tzinfo for its offset) show in the profile.
+        rec_at = _naive_utc(e.received_at or received_at or self.now)
+        valid_from = rec_at if e.valid_from is None else _naive_utc(e.valid_from)
+        valid_until = None if e.valid_until is None else _naive_utc(e.valid_until)
         if valid_until is not None and valid_until <= valid_from:
             raise ValidationError(
-                f"{label}.valid_until: must be after valid_from ({valid_from.isoformat()})", field=f"{label}.valid_until"
+                f"{label}.valid_until: must be after valid_from ({valid_from.isoformat()}Z)", field=f"{label}.valid_until"
             )
         actor = e.actor or default_actor
         ident_ref = self.store._keys.ref("id:" + e.identifier) if e.identifier else ""
-        texts = (_sqlite_ts(rec_at), _sqlite_ts(valid_from), _sqlite_ts(valid_until) or "")
+        rec_text = _naive_text(rec_at)
+        from_text = rec_text if valid_from is rec_at else _naive_text(valid_from)
+        texts = (rec_text, from_text, "" if valid_until is None else _naive_text(valid_until))
         digest = _event_hash(e, ref, ident_ref, texts[0], texts[1], texts[2], actor)
         return _Prepared(e, label, ref, e.recipient or "", rec_at, valid_from, valid_until, actor, digest, texts)
 
@@ -1294,7 +1314,7 @@ class _IngestContext:
             ct = None
             if e.identifier:
                 ct = keys.seal(self.subject_keys[p.ref], p.ref, e.event_id, e.identifier)
-            okey = _order_key(p.received_at, e.action, e.event_id)
+            okey = f"{max(_naive_us(p.received_at), 0):020d}.{_RANK[e.action]}.{e.event_id}"
             event_rows.append((
                 e.event_id, p.ref, e.purpose, p.recipient, e.action, e.legal_basis, e.channel, e.notice_version,
                 # Canonical UTC text on both backends: SQLite stores it as is, PostgreSQL's COPY
@@ -1306,8 +1326,8 @@ class _IngestContext:
             cur = state_rows.get(k)
             if cur is None or okey > cur[8]:
                 state_rows[k] = (
-                    e.purpose, p.recipient, p.ref, e.action, e.event_id, e.notice_version, _us(p.valid_from),
-                    None if p.valid_until is None else _us(p.valid_until), okey,
+                    e.purpose, p.recipient, p.ref, e.action, e.event_id, e.notice_version, _naive_us(p.valid_from),
+                    None if p.valid_until is None else _naive_us(p.valid_until), okey,
                 )
         _bulk_insert(session, "consent_events", _EVENT_COLS, event_rows, self.pg)
         _upsert_state(session, list(state_rows.values()), self.pg)
