@@ -248,10 +248,6 @@ def _from_us(us: int | None) -> dt.datetime | None:
     return None if us is None else EPOCH + dt.timedelta(microseconds=us)
 
 
-def _order_key(received_at: dt.datetime, action: str, event_id: str) -> str:
-    return f"{max(_us(received_at), 0):020d}.{_RANK[action]}.{event_id}"
-
-
 def _fmt(t: dt.datetime | None) -> str:
     return "" if t is None else t.isoformat()
 
