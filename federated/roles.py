@@ -351,6 +351,8 @@ class _Party:
         self.timings: dict[str, Any] = {"setup_s": 0.0, "epoch_s": []}
         self._t0 = 0.0
         self._epoch_t0 = 0.0
+        self._setup_open = True  # until every peer's first training message is in
+        self._first_seen: dict[str, float] = {}  # when each peer's first training message arrived
 
     # -- helpers
     def _m(self, cls: type, **kw: Any) -> Any:
@@ -510,6 +512,7 @@ class _Party:
 
     def _on_grad_part(self, msg: Any, senders: Sequence[str]) -> list[Outgoing]:
         self._check(msg, senders)
+        self._first_seen.setdefault(msg.sender, time.perf_counter())
         if self.stage != "train":
             # A peer may finish setup, or see the arbiter's EpochDone, before we do.
             if self.stage == "setup" or (self.stage == "wait_epoch" and msg.epoch == self.epoch + 1
@@ -542,6 +545,13 @@ class _Party:
         assert cur is not None and self.pub is not None
         if cur.requested or set(cur.received) != set(self._grad_senders()):
             return []
+        if self._setup_open:
+            # Setup ends for this party when the slowest peer has finished its own setup (its
+            # first training message is here), not when this party could start: otherwise
+            # epoch 0 would carry the wait for, e.g., an irls host's [[s x]] rows.
+            self._setup_open = False
+            end = max(self._epoch_t0, *self._first_seen.values())
+            self.timings["setup_s"], self._epoch_t0 = end - self._t0, end
         cur.own = self._own_part(cur)
         combined = []
         for k in range(self.groups):
@@ -664,6 +674,7 @@ class _Party:
             p.ciphers = pl.from_bytes(bytes.fromhex(d["ciphers"]), self.pub.cipher_bytes, bound=self.pub.nsquare)
         self._restore_extra(snap)
         self.batch_pos, self.cur, self.early, self.loss_part = 0, None, [], 0.0
+        self._setup_open = False
         if snap["stage"] == "done":
             self.stage = "done"
             return []

@@ -159,6 +159,10 @@ def test_weights_and_loss_equal_plaintext_oracle(run1: dict[str, Any]) -> None:
     assert np.allclose(roles["brand"].losses, o["losses"], atol=1e-6)
     assert o["losses"][0] > o["losses"][-1]
     assert roles["coord"].losses == roles["brand"].losses == roles["p1"].losses
+    for party in ("brand", "p1"):  # setup ends when every peer's first training message is in
+        t = roles[party].timings
+        assert len(t["epoch_s"]) == 3 and t["setup_s"] >= t["encrypt_s"] > 0
+    assert roles["p1"].timings["weighted_rows_s"] > 0 and roles["brand"].timings["encrypted"] == 2 * 320
 
 
 def test_gradients_equal_plaintext_gradients(breast: dict[str, Any], keypair: Any) -> None:
