@@ -156,6 +156,28 @@ def _numeric(series: pd.Series, name: str, what: str) -> np.ndarray:
     return values
 
 
+def _rare_folded(text: list[str | None], vocab: list[str], min_count: int,
+                 batches: Sequence[np.ndarray] | None) -> tuple[list[str], bool]:
+    """Fold vocabulary values with fewer than `min_count` rows (in the training rows, and in
+    every mini-batch) into `other`; keep `other` only if it passes the same test.
+
+    Why: a party learns its gradient, a batch aggregate X^T d, per column. An indicator that is
+    1 on a handful of rows of a batch would hand the partner those rows' residuals (label
+    information); at least k_min rows per indicator keeps every column an aggregate."""
+    groups = list(batches) if batches else [np.arange(len(text))]
+    known = set(vocab)
+    labels = np.array([v if v in known else None for v in text], dtype=object)
+
+    def enough(mask: np.ndarray) -> bool:
+        return all(int(mask[g].sum()) >= min_count for g in groups)
+
+    kept = [v for v in vocab if enough(labels == v)]
+    rest = ~np.isin(labels, np.array(kept, dtype=object)) if kept else np.ones(len(text), dtype=bool)
+    # `other` is kept when it is an aggregate too, or when no training row needs it (its weight
+    # then stays 0, and scoring may meet values the training rows did not have).
+    return kept, bool(enough(rest) or not rest.any())
+
+
 def fit(
     frame: pd.DataFrame,
     columns: Sequence[str],
@@ -164,12 +186,16 @@ def fit(
     categories: Mapping[str, Sequence[str] | None] | None = None,
     max_categories: int = MAX_CATEGORIES,
     standardize: bool = True,
+    min_count: int = 1,
+    batches: Sequence[np.ndarray] | None = None,
     what: str = "features",
 ) -> Encoder:
     """Fit the transform on the training rows `frame`.
 
     `types` maps a column to its schema type; `categories` lists columns to one-hot encode
-    (value: the agreed vocabulary, or None for this node's top values). Raises ValidationError
+    (value: the agreed vocabulary, or None for this node's top values). Values with fewer than
+    `min_count` rows in the training rows (in each of `batches`, positions within `frame`, if
+    given) fold into `other`, which is dropped if it is that rare too. Raises ValidationError
     naming the column for an unknown column, an empty vocabulary, a column of a type that is
     neither numeric nor categorical, or bad numeric values (see `Encoder.transform`)."""
     categories = dict(categories or {})
@@ -204,9 +230,12 @@ def fit(
                 if not vocab:
                     raise ValidationError(f"{what}: categorical column {name!r} has no values among the training "
                                           "rows: its vocabulary would be empty", field="categories")
-            # Always an `other` indicator, even if no training row needs it (its weight then
-            # stays 0): scoring may meet values the training rows did not have.
-            out.append(Column(name, "categorical", vocabulary=vocab, other=True))
+            vocab, other = _rare_folded(text, vocab, min_count, batches)
+            if not vocab:  # only `other` left: a constant column, no information
+                raise ValidationError(f"{what}: categorical column {name!r} has no value with at least {min_count} "
+                                      "training rows in every mini-batch; leave it out or agree a coarser vocabulary",
+                                      field="categories")
+            out.append(Column(name, "categorical", vocabulary=vocab, other=other))
         elif kind in NUMERIC_TYPES:
             values = _numeric(frame[name], name, what)
             mean, std = (float(values.mean()), float(values.std())) if standardize else (0.0, 1.0)

@@ -516,7 +516,9 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
         raise ValidationError("the split leaves no training or no held-out rows; change test_fraction")
     train_keys = [join_keys[i] for i in train]
     # Categorical columns one-hot, numeric standardised: fitted on the training rows only, here.
-    encoder = features_mod.fit(frame.iloc[train], features, types, **encode)
+    # An indicator needs k_min rows in every mini-batch (else it would single rows out).
+    encoder = features_mod.fit(frame.iloc[train], features, types, **encode, min_count=cfg.k_min,
+                               batches=R.make_batches(len(train), cfg.batch_size, cfg.seed))
     X = check_features(encoder.transform(frame, what), what)
     del frame
 

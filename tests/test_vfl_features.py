@@ -58,12 +58,13 @@ def test_categorical_one_hot_with_node_vocabulary_cap_and_other() -> None:
 def test_agreed_vocabulary_unseen_and_missing_values_go_to_other() -> None:
     f = frame()
     enc = F.fit(f, ["tier"], TYPES, categories={"tier": ["gold", "silver", "platinum"]})
-    assert enc.names == ["tier=gold", "tier=silver", "tier=platinum", f"tier={F.OTHER}"]
+    # platinum has no training row: it folds into other (an all-zero column would learn nothing).
+    assert enc.names == ["tier=gold", "tier=silver", f"tier={F.OTHER}"]
     X = enc.transform(f, "t")
-    assert X.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1], [1, 0, 0, 0]]
-    # Scoring-time data: a new value and a missing one.
-    later = pd.DataFrame({"tier": pd.array(["diamond", None, "platinum"], dtype="str")})
-    assert enc.transform(later, "s").tolist() == [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 1, 0]]
+    assert X.tolist() == [[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1], [1, 0, 0]]
+    # Scoring-time data: a new value, a missing one, and the agreed value training never saw.
+    later = pd.DataFrame({"tier": pd.array(["diamond", None, "platinum", "silver"], dtype="str")})
+    assert enc.transform(later, "s").tolist() == [[0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 1, 0]]
 
 
 def test_an_int_column_listed_as_categorical_is_one_hot_and_values_compare_as_text() -> None:
@@ -144,3 +145,25 @@ def test_the_train_job_checks_categories_before_anything_runs() -> None:
     for extra, msg in bad:
         with pytest.raises(ValidationError, match=msg):
             TrainJob().validate_params(_train_spec(), {**base, **extra})
+
+
+def test_rare_values_fold_into_other_per_mini_batch_so_no_indicator_singles_rows_out() -> None:
+    f = pd.DataFrame({"city": pd.array(["sh"] * 6 + ["bj"] * 3 + ["gz"], dtype="str")})
+    # Over all rows: sh 6, bj 3, gz 1. With min_count 3, gz folds into other, which (1 row) is dropped.
+    enc = F.fit(f, ["city"], TYPES, min_count=3)
+    assert enc.names == ["city=sh", "city=bj"]
+    assert enc.transform(f, "t")[-1].tolist() == [0.0, 0.0]  # gz: the column's baseline
+    # Per mini-batch: bj has 3 rows in all but only 1 in the second batch -> folded; other =
+    # bj + gz has 2 + 2 rows -> kept.
+    batches = [np.array([0, 1, 2, 6, 7]), np.array([3, 4, 5, 8, 9])]
+    enc = F.fit(f, ["city"], TYPES, min_count=2, batches=batches)
+    assert enc.names == ["city=sh", f"city={F.OTHER}"]
+    assert enc.transform(f, "t").tolist() == [[1, 0]] * 6 + [[0, 1]] * 4
+    # An agreed vocabulary is subject to the same rule.
+    enc = F.fit(f, ["city"], TYPES, categories={"city": ["bj", "gz"]}, min_count=3)
+    assert enc.names == ["city=bj", f"city={F.OTHER}"]
+    with pytest.raises(ValidationError, match="no value with at least 7 training rows"):
+        F.fit(f, ["city"], TYPES, min_count=7)
+    # Survives the JSON round trip without an other column.
+    enc = F.fit(f, ["city"], TYPES, min_count=3)
+    assert F.Encoder.from_dict(json.loads(json.dumps(enc.to_dict()))).names == ["city=sh", "city=bj"]

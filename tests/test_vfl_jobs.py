@@ -49,10 +49,11 @@ def _world() -> dict:
     brand.insert(1, "phone", [phones[int(i)] for i in brand["id"]])
     partner.insert(1, "phone", [phones[int(i)] for i in partner["id"]])
     # Categorical columns: a brand segment (with gaps) and a partner band, derived from features.
-    seg = pd.qcut(brand["x0"], 4, labels=["a", "b", "c", "d"]).astype(object)
+    # (Few, large categories: an indicator needs k_min=50 training rows in every mini-batch.)
+    seg = pd.qcut(brand["x0"], 2, labels=["a", "b"]).astype(object)
     seg[brand["id"] % 17 == 0] = None
     brand["segment"] = seg
-    partner["band"] = pd.qcut(partner["p0"], 5, labels=[1, 2, 3, 4, 5]).astype(int)
+    partner["band"] = pd.qcut(partner["p0"], 2, labels=[1, 2]).astype(int)
     # Some subjects refuse modeling, at each node (the train job must drop them at BOTH).
     brand_refuse = {s for k, s in enumerate(brand["lead_id"]) if k % 11 == 3}
     partner_refuse = {s for k, s in enumerate(partner["person_id"]) if k % 13 == 5}
@@ -415,7 +416,7 @@ def test_categorical_features_are_one_hot_at_their_own_node_and_scoring_uses_the
     net, w = world
     gx, hx = GUEST_X[:4], HOST_X[:6]
     params = _params(w, guest_features=[*gx, "segment"], host_features={"partner": [*hx, "band"]},
-                     categories={"partner": {"band": [1, 2, 3, 4]}}, max_categories=3)
+                     categories={"partner": {"band": [1, 2, 3]}}, max_categories=3)
     with net.client("brand") as c:
         job = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": params})
     job = wait_job(net, "brand", job["id"], timeout=90)
@@ -431,10 +432,16 @@ def test_categorical_features_are_one_hot_at_their_own_node_and_scoring_uses_the
     train, test = split_indices(len(rows), 0.2, 42)
     seg = b.loc[[r for _, r, _ in rows], "segment"].to_numpy(object)
     band = p.loc[[q for _, _, q in rows], "band"].to_numpy()
+    # One mini-batch here (fewer rows than batch_size): a value needs 50 training rows; a rarer
+    # value folds into "other", which is itself dropped when rarer than that but not empty.
     counts = pd.Series([v for v in seg[train] if v is not None]).value_counts()
-    vocab = sorted(counts.index, key=lambda v: (-counts[v], v))[:3]
-    seg_1h = np.array([[float(v == c) for c in vocab] + [float(v not in vocab)] for v in seg])
-    band_1h = np.array([[float(v == c) for c in (1, 2, 3, 4)] + [float(v == 5)] for v in band])
+    vocab = [v for v in sorted(counts.index, key=lambda v: (-counts[v], v))[:3] if counts[v] >= 50]
+    rare = sum(1 for v in seg[train] if v not in vocab)
+    assert vocab == ["a", "b"] or vocab == ["b", "a"]
+    assert 0 < rare < 50  # the missing segments: no "segment=<other>" column
+    seg_1h = np.array([[float(v == c) for c in vocab] for v in seg])
+    assert all((band[train] == c).sum() >= 50 for c in (1, 2))  # band 3 never occurs: folded
+    band_1h = np.array([[float(v == c) for c in (1, 2)] + [0.0] for v in band])  # "<other>" empty: kept, weight 0
     gnum = _standardised(b.loc[[r for _, r, _ in rows], gx].to_numpy(float), train)
     hnum = _standardised(p.loc[[q for _, _, q in rows], hx].to_numpy(float), train)
     X = np.hstack([gnum, seg_1h, hnum, band_1h])
@@ -442,14 +449,14 @@ def test_categorical_features_are_one_hot_at_their_own_node_and_scoring_uses_the
     plain = train_guest_only(X[train], y[train], TrainConfig(**TRAIN, seed=42, k_min=50))
 
     guest, partner = _private(net, "brand", job["id"]), _private(net, "partner", job["id"])
-    assert guest["model"]["feature_names"] == [*gx, *(f"segment={v}" for v in vocab), "segment=<other>"]
-    assert partner["model"]["feature_names"] == [*hx, *(f"band={v}" for v in (1, 2, 3, 4)), "band=<other>"]
+    assert guest["model"]["feature_names"] == [*gx, *(f"segment={v}" for v in vocab)]
+    assert partner["model"]["feature_names"] == [*hx, "band=1", "band=2", "band=<other>"]
     fed = np.array([*guest["model"]["weights"], *partner["model"]["weights"], guest["model"]["intercept"]])
     ref = np.array([*plain["weights"], plain["intercept"]])
     assert np.abs(fed - ref).max() < 1e-3, np.abs(fed - ref).max()
     # Only counts reach the coordinator: the expanded names and the node-chosen vocabulary stay home.
     steps = {s["party"]: s["result"] for s in job["steps"]}
-    assert steps["brand"]["features"] == len(gx) + 4 and steps["partner"]["features"] == len(hx) + 5
+    assert steps["brand"]["features"] == len(gx) + 2 and steps["partner"]["features"] == len(hx) + 3
     text = json.dumps(job)
     assert "segment=" not in text and "band=" not in text and "<other>" not in text
 
