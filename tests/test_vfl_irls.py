@@ -365,3 +365,13 @@ def test_weights_from_a_host_or_in_taylor_mode_are_refused(breast: dict[str, Any
     taylor["p1"].handle(key.model_copy(update={"config_digest": _cfg(loss="taylor").digest()}))
     with pytest.raises(ProtocolError):
         taylor["p1"].handle(bogus)
+
+
+def test_parties_on_different_losses_stop_at_hello(breast: dict[str, Any], keypair: Any) -> None:
+    data = {k: v[:120] for k, v in breast.items()}
+    roles = _roles(data, _cfg(batch_size=0), keypair)
+    roles["p1"] = R.HostRole("p1", JOB, _cfg(batch_size=0, loss="taylor"), data["Xh"], join_keys=data["ids"],
+                             guest="brand", hosts=["p1"], arbiter="coord")
+    with pytest.raises(ValidationError, match="another training configuration"):
+        run_in_memory(roles, roles["coord"].start())
+    assert roles["brand"].stage == "setup" and not roles["brand"].losses  # nothing trained
