@@ -4,7 +4,8 @@ One stage, one step per party: `train@<guest>` (the label holder, the brand) and
 `train@<host>` per feature holder named in `host_features`. The arbiter (Paillier private key)
 runs at the coordinator, started by `on_start` in a background thread (`coordinator.arbiter`).
 
-    params = {"match_job": "<id of a succeeded match job>", "label": "converted",
+    params = {"match_job": "<id of a succeeded match job>",  # several partners: {partner: job id}
+              "label": "converted",
               "guest_features": ["x0", ...], "host_features": {"partner": ["x0", ...]},
               "test_fraction": 0.2, "seed": 42, "train": {<federated.roles.TrainConfig fields>},
               "categories": {"partner": {"income_level": ["1", "2", "3"], "city": None}},
@@ -12,8 +13,9 @@ runs at the coordinator, started by `on_start` in a background thread (`coordina
 
 Categorical columns (schema type `category`, or named in `categories`) are one-hot encoded at
 their own node over the given vocabulary (None: the node's most frequent values, at most
-`max_categories`, plus an "other" indicator); numeric columns are standardised on the training
-rows (`party_node.features`). The expanded names stay at the node; only counts cross.
+`max_categories`, plus an "other" indicator; values with fewer than k_min rows in a mini-batch
+fold into "other"); numeric columns are standardised on the training rows
+(`party_node.features`). The expanded names stay at the node; only counts cross.
 
 What the coordinator keeps (`finalize`): a model registry entry — model version (= the job id),
 agreement, data sizes, source columns and feature counts per party, training config, epochs,
