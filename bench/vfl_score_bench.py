@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,8 +77,6 @@ def main() -> None:
 
     from rich.console import Console
     from rich.progress import Progress
-
-    import shutil
 
     if args.out.exists():
         shutil.rmtree(args.out)
