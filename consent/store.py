@@ -111,6 +111,7 @@ _WEAK_RANK = {r: i for i, r in enumerate(reversed(_WEAK_REASONS))}
 _IMPORT_CHUNK = 20_000
 _SMALL_GATE = 20_000  # up to this many distinct subjects the gate looks them up instead of scanning
 _IN_CHUNK = 5_000
+_REMEMBER_IDS = 2_000_000  # event ids an import into an empty table keeps in memory (about 150 MB)
 _PIPELINE = True  # prepare the next import chunk while the previous one is written (see _pipelined)
 
 WithdrawalHook = Callable[[str, str, "str | None"], None]
@@ -1158,6 +1159,9 @@ class _IngestContext:
         self.subject_keys: dict[str, AESGCM] = {}
         self.any_tombstones = session.scalar(select(func.count()).select_from(Tombstone)) != 0
         self.events_empty = session.scalar(select(ConsentEvent.event_id).limit(1)) is None
+        # Into an empty event table, only ids this import already wrote can exist: they are
+        # remembered (up to a bound) so later chunks ask the database about repeats only.
+        self.written_ids: set[str] | None = set() if self.events_empty else None
         self.pg = session.get_bind().dialect.name == "postgresql"
         self.ts = _pg_ts if self.pg else _sqlite_ts
         self._checked: set[tuple[Any, ...]] = set()
@@ -1273,7 +1277,8 @@ class _IngestContext:
         append the batch's audit entry. Returns (recorded, duplicates, new ids, withdrawals)."""
         session = self.session
         if not self.events_empty and prepared:
-            for ids in _chunks(list(prepared), _IN_CHUNK):
+            candidates = list(prepared) if self.written_ids is None else [i for i in prepared if i in self.written_ids]
+            for ids in _chunks(candidates, _IN_CHUNK):
                 rows = _existing_events(session, ids, self.pg)
                 for event_id, digest, received_at in rows:
                     p = prepared.pop(event_id)
@@ -1328,6 +1333,11 @@ class _IngestContext:
         _bulk_insert(session, "consent_events", _EVENT_COLS, event_rows, self.pg)
         _upsert_state(session, list(state_rows.values()), self.pg)
         self.events_empty = False
+        if self.written_ids is not None:
+            if len(self.written_ids) + len(new) > _REMEMBER_IDS:
+                self.written_ids = None  # from here on every id is checked in the database
+            else:
+                self.written_ids.update(p.event.event_id for p in new)
         actions = Counter(p.event.action for p in new)
         payload: dict[str, Any] = {
             "source": source,
@@ -1484,11 +1494,19 @@ def _flush_state_stage(session: Session) -> None:
     # Room to sort a whole import in memory (the default 4 MB spills 10^6 rows to disk);
     # SET LOCAL ends with the transaction.
     session.execute(text("SET LOCAL work_mem = '256MB'"))
+    # Into an empty projection (a first bulk load) a plain INSERT is sound and ~40% cheaper
+    # than ON CONFLICT; the lock (readers unaffected) keeps other writers from adding a key
+    # until this transaction ends, and the emptiness is checked again under it.
+    upsert = _UPSERT
+    if session.execute(text("SELECT NOT EXISTS (SELECT 1 FROM consent_state)")).scalar():
+        session.execute(text("LOCK TABLE consent_state IN SHARE ROW EXCLUSIVE MODE"))
+        if session.execute(text("SELECT NOT EXISTS (SELECT 1 FROM consent_state)")).scalar():
+            upsert = ""
     session.execute(
         text(
             f"INSERT INTO consent_state ({cols}) "
             f"SELECT DISTINCT ON (purpose, recipient, subject_ref) {cols} FROM consent_state_stage "
-            f"ORDER BY purpose, recipient, subject_ref, order_key DESC {_UPSERT}"
+            f"ORDER BY purpose, recipient, subject_ref, order_key DESC {upsert}"
         )
     )
     session.execute(text("TRUNCATE consent_state_stage"))

@@ -170,3 +170,23 @@ def test_multi_chunk_import_is_pipelined_in_order_and_all_or_nothing(
         import_file(s, _write(tmp_path, fresh))
     assert bad.value.details["field"] == "bad.csv line 28.purpose"
     assert _snapshot(s)[0] == expected[0]
+
+
+@pytest.mark.parametrize("remember", [2_000_000, 4])
+def test_repeats_across_chunks_of_a_first_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, remember: int) -> None:
+    """Into an empty table the import remembers the ids it wrote (or, past the bound, asks the
+    database about every id): a repeat in a later chunk is a duplicate if identical and a
+    Conflict naming its line if not."""
+    from consent import store as store_mod
+
+    monkeypatch.setattr(store_mod, "_IMPORT_CHUNK", 3)
+    monkeypatch.setattr(store_mod, "_REMEMBER_IDS", remember)
+    rows = _rows(12)
+    s = _store(f"sqlite:///{tmp_path / 'same.db'}")
+    res = import_file(s, _write(tmp_path, rows + [rows[0], rows[7]]))
+    assert (res.recorded, res.duplicates) == (12, 2)
+    other = _store(f"sqlite:///{tmp_path / 'other.db'}")
+    with pytest.raises(Conflict) as exc:
+        import_file(other, _write(tmp_path, rows + [{**rows[1], "channel": "app"}]))
+    assert "imp-1" in exc.value.message and "line 14" in exc.value.message
+    assert _snapshot(other) == ((), (), 0)
