@@ -39,7 +39,7 @@ from coordinator.jobtypes import StepPlan, register
 SHORT_KEYS_ENV = "CONFIDE_TEST_SHORT_KEYS"
 MAX_CATEGORIES, MAX_CATEGORIES_LIMIT = 16, 256  # as party_node.features (the node checks again)
 PARAMS = {"match_job", "label", "guest_features", "host_features", "test_fraction", "seed", "train",
-          "categories", "max_categories", "standardize"}
+          "categories", "max_categories", "standardize", "publish_metrics"}
 
 
 def _agreed(spec: AgreementSpec, party: str) -> set[str]:
@@ -174,13 +174,17 @@ class TrainJob:
         if isinstance(match_job, dict) and set(match_job) != set(host_features):
             raise ValidationError(f"match_job names {sorted(match_job)}; the partners training are "
                                   f"{sorted(host_features)}", field="match_job")
+        publish_metrics = params.get("publish_metrics", False)
+        if not isinstance(publish_metrics, bool):
+            raise ValidationError("publish_metrics is true or false", field="publish_metrics")
         if len(host_features) > 1 and not isinstance(match_job, dict):
             raise ValidationError("several partners match the brand in separate match jobs: give match_job as "
                                   "{partner: match job id}", field="match_job")
         return {"match_job": match_job, "label": label, "guest": guest, "hosts": sorted(host_features),
                 "guest_features": guest_features, "host_features": host_features,
                 "test_fraction": float(tf), "seed": seed, "train": cfg.model_dump(mode="json"),
-                "categories": categories, "max_categories": max_categories, "standardize": standardize}
+                "categories": categories, "max_categories": max_categories, "standardize": standardize,
+                "publish_metrics": publish_metrics}
 
     def plan(self, spec: AgreementSpec, params: dict[str, Any]) -> list[StepPlan]:
         return [StepPlan(f"train@{p}", p, 0, {}) for p in [params["guest"], *params["hosts"]]]

@@ -632,7 +632,11 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
               "epochs": epochs, "losses": [round(float(v), 6) for v in role.losses],
               "stop_reason": role.stop_reason}
     if is_guest:
-        public["heldout_metrics"] = _registry_metrics(private["metrics"], len(test), ctx.agreement.spec.k_min)
+        public["heldout_metrics"] = (
+            _registry_metrics(private["metrics"], len(test), ctx.agreement.spec.k_min)
+            if ctx.params.get("publish_metrics")
+            else {"suppressed": True, "reason": "kept private by the brand (publish_metrics is false)"}
+        )
     return {**public, PRIVATE: private}
 
 
@@ -640,7 +644,9 @@ REGISTRY_METRICS = ("auc", "ks", "pr_auc", "lift_top_decile", "brier", "ece")
 
 
 def _registry_metrics(metrics: dict[str, Any], heldout: int, k_min: int) -> dict[str, Any]:
-    """What the brand reports to the coordinator's model registry: aggregate held-out quality
+    """What the brand reports to the coordinator's model registry when the train job asks it
+    to (`publish_metrics`, off by default: the leakage table gives metrics to the brand only):
+    aggregate held-out quality
     (AUC, KS, PR-AUC, top-decile lift, Brier, ECE), federated and guest-only, when the held-out
     rows number at least k_min. Not the base rate or the per-decile calibration table (a decile
     of the held-out rows can be fewer than k_min rows); those stay in the private result."""

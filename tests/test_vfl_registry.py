@@ -25,10 +25,10 @@ def _coordinator(net: LocalNet, party: str) -> ServiceClient:
 @pytest.fixture(scope="module")
 def trained(world3):  # type: ignore[no-untyped-def]
     net, w = world3
-    # 35% held out: more than k_min=50 rows, so the brand reports the aggregate metrics.
+    # 35% held out: more than k_min=50 rows, so the brand (which opts in) reports the aggregate metrics.
     with net.client("brand") as c:
         job = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026",
-                                        "params": _params(w, test_fraction=0.35)})
+                                        "params": _params(w, test_fraction=0.35, publish_metrics=True)})
     job = wait_job(net, "brand", job["id"], timeout=120)
     assert job["status"] == "succeeded", job.get("error")
     return net, w, job
@@ -104,7 +104,7 @@ def test_too_few_held_out_rows_suppress_the_metrics_in_the_card(trained) -> None
     net, w, _ = trained
     with net.client("brand") as c:
         job = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026",
-                                        "params": _params(w, test_fraction=0.1)})
+                                        "params": _params(w, test_fraction=0.1, publish_metrics=True)})
     job = wait_job(net, "brand", job["id"], timeout=120)
     assert job["status"] == "succeeded", job.get("error")
     with _coordinator(net, "partner") as c:
@@ -113,3 +113,19 @@ def test_too_few_held_out_rows_suppress_the_metrics_in_the_card(trained) -> None
     assert entry["heldout_metrics"]["suppressed"] is True and "k_min=50" in entry["heldout_metrics"]["reason"]
     assert "auc" not in json.dumps(entry)
     assert "Suppressed:" in md and "| auc |" not in md
+
+
+def test_metrics_stay_with_the_brand_unless_it_publishes_them(trained) -> None:  # type: ignore[no-untyped-def]
+    """The leakage table gives training metrics to the brand only: without publish_metrics the
+    registry (coordinator, partner) gets none, while the brand's private result has them."""
+    net, w, _ = trained
+    with net.client("brand") as c:
+        job = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026",
+                                        "params": _params(w, test_fraction=0.35)})
+    job = wait_job(net, "brand", job["id"], timeout=120)
+    assert job["status"] == "succeeded", job.get("error")
+    with _coordinator(net, "partner") as c:
+        entry = c.get(f"/v1/models/{job['id']}")
+    assert entry["heldout_metrics"]["suppressed"] is True and "publish_metrics" in entry["heldout_metrics"]["reason"]
+    assert "auc" not in json.dumps(entry)
+    assert "auc" in _private(net, "brand", job["id"])["metrics"]
