@@ -14,11 +14,9 @@ message goes through its wire form (`federated.inmemory`).
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from confide.errors import ValidationError
@@ -26,28 +24,9 @@ from federated import messages as m
 from federated import paillier as pl
 from federated import roles as R
 from federated.inmemory import run_in_memory
+from tests.test_vfl_protocol import breast, keypair  # noqa: F401  (shared fixtures)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fate"
 JOB = "job-vfl-irls"
-
-
-@pytest.fixture(scope="module")
-def breast() -> dict[str, Any]:
-    g = pd.read_csv(DATA / "breast_hetero_guest.csv", dtype={"id": str})
-    h = pd.read_csv(DATA / "breast_hetero_host.csv", dtype={"id": str})
-    d = g.merge(h, on="id", suffixes=("_g", "_h")).sort_values("id").head(320)
-    gcols = [c for c in g.columns if c not in ("id", "y")]
-    hcols = [c for c in h.columns if c != "id"]
-    rename_g = {c: (c + "_g" if c in hcols else c) for c in gcols}
-    rename_h = {c: (c + "_h" if c in gcols else c) for c in hcols}
-    return {"ids": d["id"].tolist(), "y": d["y"].to_numpy(float),
-            "Xg": d[[rename_g[c] for c in gcols]].to_numpy(float),
-            "Xh": d[[rename_h[c] for c in hcols]].to_numpy(float)}
-
-
-@pytest.fixture(scope="module")
-def keypair() -> tuple[pl.PublicKey, pl.PrivateKey]:
-    return pl.generate_keypair(1024)
 
 
 def _cfg(**kw: Any) -> R.TrainConfig:
