@@ -560,8 +560,12 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
                         # epoch e+1 knows we can restore epoch e.
                         try:
                             store.save(len(role.losses), role.snapshot())
-                        except ProtocolError:
-                            pass  # mid-batch already (a peer was quick): the previous one stands
+                        except ProtocolError as exc:
+                            # The role already took a quick peer's first message of the next
+                            # epoch, so it is not at an epoch boundary: keep the previous
+                            # snapshot (a resume restores the epoch every party has).
+                            log.info("job %s: no snapshot after epoch %d (%s); epoch %d's stands",
+                                     ctx.job_id, len(role.losses), exc.message, len(role.losses) - 1)
                     links.send(out)
                 train_s = time.perf_counter() - t_train
                 # Held-out evaluation: masked partial logits to the arbiter; scores to the guest only.

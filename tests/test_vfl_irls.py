@@ -24,7 +24,7 @@ from federated import messages as m
 from federated import paillier as pl
 from federated import roles as R
 from federated.inmemory import run_in_memory
-from tests.test_vfl_protocol import breast, keypair  # noqa: F401  (shared fixtures)
+from tests.test_vfl_protocol import breast, crash_mid_epoch_1, keypair, resume_and_compare  # noqa: F401
 
 JOB = "job-vfl-irls"
 
@@ -192,37 +192,10 @@ def test_two_hosts_equal_plaintext_oracle(breast: dict[str, Any], keypair: Any) 
 
 def test_resume_after_restart_gives_the_same_model(breast: dict[str, Any], keypair: Any, run1: dict[str, Any]) -> None:
     cfg = run1["cfg"]
-    roles = _roles(breast, cfg, keypair)
-    snaps: dict[str, Any] = {}
-
-    class Crash(Exception):
-        pass
-
-    class Snapshotting:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def handle(self, msg: m._Msg) -> list[R.Outgoing]:
-            out = roles[self.name].handle(msg)
-            if isinstance(msg, m.EpochDone) and msg.epoch == 0:
-                snaps[self.name] = roles[self.name].snapshot()
-            if isinstance(msg, m.LossShare) and roles["coord"].epoch == 1 and "coord" not in snaps:
-                snaps["coord"] = roles["coord"].snapshot()
-            if len(snaps) == 3 and isinstance(msg, m.DecryptRequest):
-                raise Crash()  # every node dies mid-epoch 1
-            return out
-
-    with pytest.raises(Crash):
-        run_in_memory({n: Snapshotting(n) for n in roles}, roles["coord"].start())
+    snaps = crash_mid_epoch_1(_roles(breast, cfg, keypair))
     # the host's snapshot keeps the guest's [[s_i]] (ciphertexts only), so setup is not repeated
     assert len(bytes.fromhex(snaps["p1"]["weights"])) == len(breast["ids"]) * keypair[0].cipher_bytes
-    fresh = _roles(breast, cfg, None)
-    fresh["coord"].restore(snaps["coord"])
-    first = fresh["brand"].restore(snaps["brand"]) + fresh["p1"].restore(snaps["p1"])
-    run_in_memory(fresh, first)
-    assert np.allclose(fresh["brand"].w, run1["roles"]["brand"].w, atol=1e-9)
-    assert np.allclose(fresh["p1"].w, run1["roles"]["p1"].w, atol=1e-9)
-    assert fresh["brand"].losses == pytest.approx(run1["roles"]["brand"].losses, abs=1e-9)
+    resume_and_compare(_roles(breast, cfg, None), snaps, run1["roles"])
 
 
 def test_any_interleaving_of_senders_gives_the_same_model(breast: dict[str, Any], keypair: Any) -> None:

@@ -141,9 +141,9 @@ def test_two_hosts_equal_plaintext_oracle(breast: dict[str, Any], keypair: Any) 
     assert np.allclose(np.r_[roles["p1"].w, roles["p2"].w], wh, atol=1e-5, rtol=0)
 
 
-def test_resume_after_restart_gives_the_same_model(breast: dict[str, Any], keypair: Any, run1: dict[str, Any]) -> None:
-    cfg = run1["cfg"]
-    roles = _roles(breast, cfg, keypair, [breast["Xh"]])
+def crash_mid_epoch_1(roles: dict[str, Any]) -> dict[str, Any]:
+    """Run `roles` until every party has snapshotted epoch 0 (and the arbiter its state at epoch
+    1), then kill them all mid-epoch 1; returns the snapshots (shared with test_vfl_irls)."""
     snaps: dict[str, Any] = {}
 
     class Crash(Exception):
@@ -163,16 +163,25 @@ def test_resume_after_restart_gives_the_same_model(breast: dict[str, Any], keypa
                 raise Crash()  # every node dies mid-epoch 1
             return out
 
-    proxies = {n: Snapshotting(n) for n in roles}
     with pytest.raises(Crash):
-        run_in_memory(proxies, roles["coord"].start())
-    fresh = _roles(breast, cfg, None, [breast["Xh"]])
+        run_in_memory({n: Snapshotting(n) for n in roles}, roles["coord"].start())
+    return snaps
+
+
+def resume_and_compare(fresh: dict[str, Any], snaps: dict[str, Any], done: dict[str, Any]) -> None:
+    """Restore new roles from the snapshots, finish training, compare with the uninterrupted run."""
     fresh["coord"].restore(snaps["coord"])
     first = fresh["brand"].restore(snaps["brand"]) + fresh["p1"].restore(snaps["p1"])
     run_in_memory(fresh, first)
-    assert np.allclose(fresh["brand"].w, run1["roles"]["brand"].w, atol=1e-9)
-    assert np.allclose(fresh["p1"].w, run1["roles"]["p1"].w, atol=1e-9)
-    assert fresh["brand"].losses == pytest.approx(run1["roles"]["brand"].losses, abs=1e-9)
+    assert np.allclose(fresh["brand"].w, done["brand"].w, atol=1e-9)
+    assert np.allclose(fresh["p1"].w, done["p1"].w, atol=1e-9)
+    assert fresh["brand"].losses == pytest.approx(done["brand"].losses, abs=1e-9)
+
+
+def test_resume_after_restart_gives_the_same_model(breast: dict[str, Any], keypair: Any, run1: dict[str, Any]) -> None:
+    cfg = run1["cfg"]
+    snaps = crash_mid_epoch_1(_roles(breast, cfg, keypair, [breast["Xh"]]))
+    resume_and_compare(_roles(breast, cfg, None, [breast["Xh"]]), snaps, run1["roles"])
 
 
 # ------------------------------------------------------------------------------------ leakage
