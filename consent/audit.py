@@ -89,6 +89,24 @@ _LEAF_COLS = ("seq", "kind", "at", "payload_json", "leaf_hash")
 _SQLITE_INSERT = "INSERT INTO audit_leaves (seq, kind, at, payload_json, leaf_hash) VALUES (?, ?, ?, ?, ?)"
 # Key of the PostgreSQL advisory lock that serialises appenders ("confide-audit" folded to int64).
 _PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"confide-audit-append").digest()[:8], "big", signed=True)
+# One own-transaction append on PostgreSQL in ONE statement and one round trip (autocommit, so
+# the statement is its transaction): take the appenders' advisory lock, then insert the rows
+# from binary arrays (text-format arrays of JSON strings cost ~30 us per element to escape in
+# the client), but only if the leaf before `first` exists, so a stale cached next seq can never
+# leave a gap (0 rows inserted -> the caller re-reads max(seq) the slow way); a seq another
+# writer already took fails on the primary key. The lock is held until the statement's commit
+# has flushed, so a concurrent `append(session=...)` that reads max(seq) after taking the lock
+# sees these rows. Binary (%b) parameters keep the statement text constant, so psycopg
+# prepares it after a few executions.
+_PG_APPEND = (
+    "WITH lk AS (SELECT pg_advisory_xact_lock(%(key)s)) "
+    "INSERT INTO audit_leaves (seq, kind, at, payload_json, leaf_hash) "
+    "SELECT v.* FROM lk CROSS JOIN unnest(%(seq)b::bigint[], %(kind)b::text[], %(at)b::text[], "
+    "%(pj)b::text[], %(hash)b::bytea[]) AS v "
+    "WHERE %(first)s = 0 OR EXISTS (SELECT 1 FROM audit_leaves WHERE seq = %(first)s - 1)"
+)
+# Batches up to this size take the one-statement path; larger ones (bulk `append_many`) COPY.
+_PG_FAST_MAX = 2000
 
 
 class AuditSettings(BaseSettings):
@@ -760,6 +778,10 @@ class _GroupCommit:
             if mine:
                 return self._result(me)
 
+    def waiting(self) -> bool:
+        """Whether callers are queued for a next round (a racy hint, for keeping resources)."""
+        return bool(self._queue)
+
     @staticmethod
     def _result(p: _Pending) -> int:
         if p.error is not None:
@@ -795,7 +817,8 @@ class AuditLog:
         self._lock = threading.Lock()
         self._is_pg = self.engine.dialect.name == "postgresql"
         self._is_sqlite = self.engine.dialect.name == "sqlite"
-        self._next: int | None = None  # cached next seq for own-transaction appends (SQLite)
+        self._next: int | None = None  # cached next seq for own-transaction appends
+        self._pg_conn: Any = None  # pooled connection kept while group-commit rounds are queued
         self._group = _GroupCommit(self._commit)
 
     # -- writing ---------------------------------------------------------------------------------
@@ -858,6 +881,16 @@ class AuditLog:
     def _commit(self, items: list[tuple[str, str, str]]) -> list[int]:
         """Write `items` in one transaction of their own and commit it."""
         with self._lock:
+            if self._is_pg:
+                try:
+                    if self._next is not None and len(items) <= _PG_FAST_MAX:
+                        seqs = self._pg_append(items, self._next)
+                        if seqs is not None:
+                            return seqs
+                finally:
+                    # Keep the connection only while more group-commit rounds are queued.
+                    if self._pg_conn is not None and not self._group.waiting():
+                        self._pg_release()
             for attempt in range(8):
                 try:
                     with self.engine.begin() as conn:
@@ -876,11 +909,70 @@ class AuditLog:
                     time.sleep(0.005 * (attempt + 1))
         raise AssertionError("unreachable")
 
+    def _pg_append(self, items: list[tuple[str, str, str]], first: int) -> list[int] | None:
+        """PostgreSQL own-transaction append from the cached next seq `first` in one statement
+        (`_PG_APPEND`); committed when it returns a list. None: nothing was written (another
+        writer took these seqs, or `first` is past the end) and the caller must re-read the
+        next seq in a locked transaction. Raises OperationalError if the connection broke, when
+        whether the statement committed is unknown (as for any lost commit)."""
+        import psycopg
+        from psycopg.types.numeric import Int8
+
+        seqs = list(range(first, first + len(items)))
+        hashes = [leaf_hash(leaf_bytes(seq, kind, at, pj)) for seq, (kind, at, pj) in zip(seqs, items)]
+        params = {"key": Int8(_PG_LOCK_KEY), "first": Int8(first), "seq": seqs,
+                  "kind": [it[0] for it in items], "at": [it[1] for it in items],
+                  "pj": [it[2] for it in items], "hash": hashes}
+        if self._pg_conn is None:
+            fairy = self.engine.raw_connection()
+            try:
+                fairy.driver_connection.autocommit = True  # type: ignore[union-attr]
+            except BaseException:
+                fairy.close()
+                raise
+            self._pg_conn = fairy
+        raw = self._pg_conn.driver_connection
+        try:
+            with raw.cursor() as cur:  # type: ignore[union-attr]
+                cur.execute(_PG_APPEND, params)
+                written = cur.rowcount
+        except psycopg.Error as exc:
+            self._next = None
+            if raw.broken or raw.closed or isinstance(exc, psycopg.OperationalError):  # type: ignore[union-attr]
+                self._pg_release(invalidate=True)
+                raise OperationalError("audit append (one-statement path)", None, exc) from exc
+            # The server refused the statement (a duplicate seq, or any other error): nothing
+            # was committed; the slow path retries or raises the error the SQLAlchemy way.
+            return None
+        if written != len(items):  # the leaf before `first` is missing: `first` was stale
+            self._next = None
+            return None
+        self._next = first + len(items)
+        return seqs
+
+    def _pg_release(self, invalidate: bool = False) -> None:
+        fairy, self._pg_conn = self._pg_conn, None
+        if fairy is None:
+            return
+        try:
+            if invalidate:
+                fairy.invalidate()
+            else:
+                fairy.driver_connection.autocommit = False  # type: ignore[union-attr]
+        except Exception:  # a broken connection: drop it from the pool
+            try:
+                fairy.invalidate()
+            except Exception:
+                pass
+        finally:
+            fairy.close()
+
     def _insert(self, conn: Connection, items: list[tuple[str, str, str]], first: int | None) -> list[int]:
         """Insert leaves from seq `first`; None: read it inside this transaction (on PostgreSQL
-        after taking the appenders' advisory lock). A cached `first` is only ever used on
+        after taking the appenders' advisory lock). A cached `first` is only used here on
         SQLite, whose single writer plus the primary key turn a stale value into an
-        IntegrityError, never a gap or a duplicate."""
+        IntegrityError, never a gap or a duplicate (PostgreSQL uses its cached value only in
+        `_pg_append`, whose statement checks for the gap itself)."""
         if first is None or not self._is_sqlite:
             if self._is_pg:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
