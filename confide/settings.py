@@ -50,6 +50,10 @@ class CoordinatorSettings(ServiceSettings):
         default=120.0, gt=0, description="How long a job step may stay unreachable/unfinished before the job fails"
     )
     poll_interval_s: float = Field(default=0.5, gt=0, description="How often running jobs are advanced")
+    arbiter_key_max_age_s: float = Field(
+        default=7 * 86_400.0, ge=60,
+        description="An agreement's arbiter (Paillier) key is used by its training jobs for this long, then rotated",
+    )
 
 
 class NodeSettings(ServiceSettings):
@@ -66,6 +70,18 @@ class NodeSettings(ServiceSettings):
     mandate_max_age_s: float = Field(
         default=86_400.0, gt=0,
         description="Refuse a job whose requester's mandate is older than this when the node first sees it",
+    )
+    obfuscator_stock: int = Field(
+        default=0, ge=0, le=10_000_000,
+        description="Paillier obfuscators to compute ahead, while idle, per arbiter key of this node's training "
+                    "agreements (0 = off; 512 bytes each at 2048 bits; ~2 per training row for a brand, ~1 for a partner)",
+    )
+    obfuscator_key_bits: int = Field(default=2048, ge=1024, le=4096, description="Arbiter key size to stock for")
+    obfuscator_workers: int | None = Field(
+        default=None, ge=1, description="Processes filling the stock at the lowest CPU priority (default: all cores)"
+    )
+    obfuscator_refresh_s: float = Field(
+        default=300.0, gt=0, description="How often the stock asks the coordinator for new or rotated arbiter keys"
     )
 
     def endpoint(self) -> str:

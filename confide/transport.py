@@ -82,7 +82,8 @@ class ServiceClient:
         """
         if content is None:
             content = b"" if json_body is None else json.dumps(json_body).encode()
-        url = httpx.URL(path, params=params)
+        # (httpx drops a query written in `path` when given params=None: pass them only if any)
+        url = httpx.URL(path) if params is None else httpx.URL(path, params=params)
         signed_path = url.path + (("?" + url.query.decode()) if url.query else "")
         headers = sign_request(
             self.identity.signing_key, self.identity.name, self.peer, method, signed_path, content

@@ -20,7 +20,7 @@ from confide.pki import Identity
 from confide.settings import CoordinatorSettings
 from confide.transport import ServiceClient
 from confide.web import BodyLimitMiddleware, authenticate, install_error_handlers, meta_router, require
-from coordinator import relay, service
+from coordinator import arbiter_keys, relay, service
 from coordinator.jobtypes import known_types
 from coordinator.orchestrator import Orchestrator
 from coordinator.schemas import CreateJobRequest, JobOut, PartyOut, ProposeRequest, RegisterRequest, SignRequest
@@ -178,6 +178,12 @@ def create_app(
             av = service.add_signature(s, coord.identity, peer.name, agreement_id, version, body.digest, body.signature)
             s.flush()
             return service.to_signed(av).model_dump(mode="json")
+
+    @app.get("/v1/agreements/{agreement_id}/arbiter-key")
+    def arbiter_key(agreement_id: str, bits: int = 2048, peer: Peer = Depends(PARTY)) -> Any:
+        """The public half of the agreement's current arbiter key (parties precompute
+        obfuscators for it while idle; `coordinator.arbiter_keys`)."""
+        return arbiter_keys.published(coord, peer.name, agreement_id, bits)
 
     # -- jobs --------------------------------------------------------------------------------
     def job_out(job: Job) -> JobOut:

@@ -90,6 +90,7 @@ class Session:
     decided: int | None = 0
     snapshots: dict[int, dict[str, Any]] = field(default_factory=dict)
     rows: int = 0
+    agreement_id: str | None = None  # a training job uses its agreement's arbiter key (arbiter_keys)
     recovering: bool = False  # rebuilt after a coordinator restart: the parties must rejoin first
 
     @property
@@ -226,10 +227,16 @@ def check_model(coord: Any, job_id: str, model: str, hosts: list[str]) -> None:
 
 def start_session(coord: Any, job_id: str, params: dict[str, Any]) -> Session:
     sess = Session(job_id=job_id, guest=params["guest"], hosts=list(params["hosts"]), config=dict(params["train"]),
-                   mode=str(params.get("mode", "train")))
+                   mode=str(params.get("mode", "train")), agreement_id=params.get("agreement_id"))
     sess.next_in = {p: 0 for p in sess.parties}
     sess.outbox = {p: [] for p in sess.parties}
     _sweep_snapshots(coord)
+    try:
+        from coordinator import arbiter_keys
+
+        arbiter_keys.sweep(coord)
+    except Exception as exc:  # noqa: BLE001 - swept again when the next session starts
+        log.warning("could not sweep old arbiter keys: %s", exc)
     with _LOCK:
         _SESSIONS[job_id] = sess
     threading.Thread(target=_run, args=(coord, sess), name=f"arbiter-{job_id[:8]}", daemon=True).start()
@@ -354,7 +361,7 @@ def _run(coord: Any, sess: Session) -> None:
                             raise ValidationError("the parties hold different numbers of training rows; "
                                                   "their consent-gated rows are not aligned")
                         role = R.ArbiterRole(ARBITER, sess.job_id, cfg, guest=sess.guest, hosts=sess.hosts,
-                                             rows=n)
+                                             rows=n, keypair=_keypair(coord, sess, cfg))
                         sess.rows = n
                         sess.stats["train_rows"] = n
                         _post(sess, role.start(), gen)
@@ -399,6 +406,18 @@ def _run(coord: Any, sess: Session) -> None:
         timer = threading.Timer(KEEP_S, _forget, args=(sess.job_id,))
         timer.daemon = True
         timer.start()
+
+
+def _keypair(coord: Any, sess: Session, cfg: Any) -> Any:
+    """The agreement's current arbiter key (the parties may have precomputed obfuscators for
+    it); a job without an agreement id (none in practice) gets a fresh key from the role."""
+    if sess.agreement_id is None:
+        return None
+    from coordinator import arbiter_keys
+
+    key_id, pair = arbiter_keys.for_job(coord, sess.agreement_id, int(cfg.key_bits))
+    sess.stats["arbiter_key"] = key_id
+    return pair
 
 
 def _finish(sess: Session) -> None:

@@ -195,7 +195,7 @@ class TrainJob:
         mj = params["match_job"]
         for job in (mj.values() if isinstance(mj, dict) else [mj]):
             arbiter.check_match_job(coordinator, job_id, job)
-        arbiter.start_session(coordinator, job_id, params)
+        arbiter.start_session(coordinator, job_id, {**params, "agreement_id": spec.agreement_id})
 
     def finalize(self, spec: AgreementSpec, params: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The job's result is the model's registry entry (`coordinator.registry`): what the

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import secrets
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -171,13 +172,17 @@ class ObfuscatorPool:
     """`r^n mod n^2` values computed ahead (on the executor's pool) and used once each.
 
     `fill(k)` tops the pool up to at least k values; `take(k)` hands out k values, computing
-    more if the pool ran dry (in-process, so callers should `fill` ahead of bulk work)."""
+    more if the pool ran dry (in-process, so callers should `fill` ahead of bulk work);
+    `take_upto(k)` hands out what there is, at most k; `put(values)` adds values computed
+    elsewhere (a node's idle-time stock, `party_node.obfuscator_stock`). Thread-safe: a value
+    is handed out once, however many threads take."""
 
     def __init__(self, pub: PublicKey, executor: Executor | None = None, batch: int = 64) -> None:
         self.pub = pub
         self.executor = executor or InProcessExecutor()
         self.batch = batch
         self._pool: list[Any] = []
+        self._lock = threading.Lock()
         self.generated = 0
 
     def __len__(self) -> int:
@@ -190,16 +195,26 @@ class ObfuscatorPool:
         sizes = [self.batch] * (need // self.batch) + ([need % self.batch] if need % self.batch else [])
         fn = functools.partial(_obfuscator_batch, self.pub.n)
         for chunk in self.executor.map_batches(fn, sizes):
-            self._pool.extend(chunk)
+            self.put(chunk)
         self.generated += need
 
+    def put(self, values: Sequence[Any]) -> None:
+        with self._lock:
+            self._pool.extend(values)
+
+    def take_upto(self, count: int) -> list[Any]:
+        with self._lock:
+            k = min(count, len(self._pool))
+            out = self._pool[len(self._pool) - k :] if k else []
+            del self._pool[len(self._pool) - k :]
+        return out
+
     def take(self, count: int) -> list[Any]:
-        if len(self._pool) < count:
-            missing = count - len(self._pool)
-            self._pool.extend(_obfuscator_batch(self.pub.n, missing))
+        out = self.take_upto(count)
+        if len(out) < count:
+            missing = count - len(out)
+            out.extend(_obfuscator_batch(self.pub.n, missing))
             self.generated += missing
-        out = self._pool[-count:] if count else []
-        del self._pool[len(self._pool) - count :]
         return out
 
 

@@ -54,7 +54,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -320,9 +320,12 @@ class _Party:
 
     def __init__(self, name: str, job_id: str, config: TrainConfig, X: Any, *, join_keys: Sequence[str],
                  peers: Sequence[str], arbiter: str, executor: Executor | None = None,
-                 obfuscators: pl.ObfuscatorPool | None = None) -> None:
+                 obfuscators: "pl.ObfuscatorPool | Callable[[int], pl.ObfuscatorPool | None] | None" = None) -> None:
         config.check_keys()
+        # Obfuscators computed ahead for the arbiter's key: a pool, or a lookup by modulus (a
+        # node's idle-time stock, party_node.obfuscator_stock). Used when the key matches.
         self._ahead = obfuscators
+        self._stock: pl.ObfuscatorPool | None = None
         self.name, self.job_id, self.config, self.arbiter = name, job_id, config, arbiter
         self.peers = list(peers)
         if name in self.peers or arbiter in self.peers or name == arbiter:
@@ -407,12 +410,31 @@ class _Party:
         plains += [int(v) for v in extra]
         assert self.pool is not None
         t0 = time.perf_counter()
-        if len(self.pool) >= len(plains):  # obfuscators computed ahead: encryption is two multiplications
-            out = pl.encrypt(self.pub, plains, self.pool)
-        else:
-            out = pl.encrypt_parallel(self.pub, plains, self.executor)
+        self._provision(len(plains))
+        out = pl.encrypt(self.pub, plains, self.pool)
         self.timings["encrypt_s"], self.timings["encrypted"] = time.perf_counter() - t0, len(plains)
         return out
+
+    def _provision(self, count: int) -> None:
+        """Have `count` obfuscators in the pool: first from the stock computed ahead (with
+        them an encryption is two multiplications), the rest computed now on the executor."""
+        assert self.pool is not None
+        self._from_stock(count)
+        self.pool.fill(count)
+
+    def _from_stock(self, count: int) -> None:
+        assert self.pool is not None
+        need = count - len(self.pool)
+        if need > 0 and self._stock is not None:
+            got = self._stock.take_upto(need)
+            self.pool.put(got)
+            self.timings["obfuscators_from_stock"] = self.timings.get("obfuscators_from_stock", 0) + len(got)
+
+    def _use_key(self, n: int) -> None:
+        self.pub = pl.PublicKey(n)
+        self.pool = pl.ObfuscatorPool(self.pub, self.executor)
+        ahead = self._ahead(n) if callable(self._ahead) else self._ahead
+        self._stock = ahead if ahead is not None and ahead.pub.n == n else None
 
     def _feature_messages(self, ciphers: list[Any], cls: type = m.FeatureCiphers, per_row: int = 0) -> list[Any]:
         assert self.pub is not None
@@ -434,9 +456,7 @@ class _Party:
         n = int(msg.n)
         if n.bit_length() != msg.key_bits or msg.key_bits < self.config.key_bits:
             raise ProtocolError(f"arbiter key of {n.bit_length()} bits, the configuration asks for {self.config.key_bits}")
-        self.pub = pl.PublicKey(n)
-        ahead = self._ahead
-        self.pool = ahead if ahead is not None and ahead.pub.n == n else pl.ObfuscatorPool(self.pub, self.executor)
+        self._use_key(n)
         self._t0 = time.perf_counter()
         self.stage = "setup"
 
@@ -497,6 +517,7 @@ class _Party:
         assert self.pub is not None and self.pool is not None
         p = self.peer[peer]
         out = []
+        self._from_stock(p.ciphers_per_row)
         for k in range(p.ciphers_per_row):
             bases = [p.ciphers[int(i) * p.ciphers_per_row + k] for i in idx]
             c = pl.multi_exp(self.pub, bases, exps, self.executor)
@@ -660,9 +681,7 @@ class _Party:
             raise ValidationError("snapshot belongs to another role, party or job")
         if snap.get("config_digest") != self.config.digest():
             raise ValidationError("snapshot was taken under another training configuration")
-        self.pub = pl.PublicKey(int(snap["n"]))
-        ahead = self._ahead
-        self.pool = ahead if ahead is not None and ahead.pub.n == self.pub.n else pl.ObfuscatorPool(self.pub, self.executor)
+        self._use_key(int(snap["n"]))
         self.w = np.array(snap["w"], dtype=np.float64)
         self.losses = list(snap["losses"])
         self.epoch = int(snap["epoch"])
@@ -717,7 +736,7 @@ class GuestRole(_Party):
 
     def __init__(self, name: str, job_id: str, config: TrainConfig, X: Any, y: Any, *, join_keys: Sequence[str],
                  hosts: Sequence[str], arbiter: str, executor: Executor | None = None,
-                 obfuscators: pl.ObfuscatorPool | None = None) -> None:
+                 obfuscators: "pl.ObfuscatorPool | Callable[[int], pl.ObfuscatorPool | None] | None" = None) -> None:
         Xg = check_features(X, f"guest {name}")
         self.y = check_labels(y)
         if len(self.y) != len(Xg):
@@ -843,7 +862,8 @@ class HostRole(_Party):
 
     def __init__(self, name: str, job_id: str, config: TrainConfig, X: Any, *, join_keys: Sequence[str],
                  guest: str, hosts: Sequence[str], arbiter: str, executor: Executor | None = None,
-                 mask_seed: str | None = None, obfuscators: pl.ObfuscatorPool | None = None) -> None:
+                 mask_seed: str | None = None,
+                 obfuscators: "pl.ObfuscatorPool | Callable[[int], pl.ObfuscatorPool | None] | None" = None) -> None:
         others = [h for h in hosts if h != name]
         config.check_hosts(len(others) + 1)
         super().__init__(name, job_id, config, X, join_keys=join_keys, peers=[guest, *others], arbiter=arbiter,
@@ -929,7 +949,7 @@ class HostRole(_Party):
         # Another host l needs [[X_h^T S u_l]]: it gets these rows, rerandomized (it holds the
         # same [[s_i]] and could otherwise test guesses of x_i by recomputing [[s_i]]^{x_i}).
         assert self.pub is not None and self.pool is not None
-        self.pool.fill(len(self.sx))
+        self._provision(len(self.sx))
         fresh = [pl.rerandomize(self.pub, c, self.pool) for c in self.sx]
         chunks = self._feature_messages(fresh)
         return [(h, c) for h in self.other_hosts for c in chunks]

@@ -162,6 +162,11 @@ def create_app(
                 for r in s.scalars(select(StepRecord).order_by(StepRecord.started_at))
             ]
 
+    @app.get("/v1/admin/obfuscators")
+    def obfuscators(peer: Peer = Depends(OPERATOR)) -> Any:
+        """The idle-time Paillier obfuscator stock: per arbiter key, how many are ready."""
+        return node.obfuscators.status()
+
     @app.get("/v1/admin/datasets")
     def datasets(peer: Peer = Depends(OPERATOR)) -> Any:
         from party_node import datasets as ds

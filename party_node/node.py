@@ -76,6 +76,14 @@ class Node:
         self._running: dict[tuple[str, str], threading.Event] = {}
         self._recover()
         self.consent.add_withdrawal_hook(self._on_withdrawal)
+        from party_node.obfuscator_stock import ObfuscatorStock
+
+        # Paillier obfuscators for the agreements' arbiter keys, computed while idle (off at 0).
+        self.obfuscators = ObfuscatorStock(self, capacity=settings.obfuscator_stock,
+                                           key_bits=settings.obfuscator_key_bits,
+                                           workers=settings.obfuscator_workers,
+                                           refresh_s=settings.obfuscator_refresh_s)
+        self.obfuscators.start()
 
     # -- peers and keys ------------------------------------------------------------------------
     def coordinator(self) -> ServiceClient:
@@ -463,6 +471,7 @@ class Node:
         return {"kept": True, "log": head.log, "size": head.size}
 
     def close(self) -> None:
+        self.obfuscators.close()
         for ev in list(self._running.values()):
             ev.set()
         self.pool.shutdown(wait=False, cancel_futures=True)

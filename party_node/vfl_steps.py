@@ -524,13 +524,18 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
 
     executor = ProcessPoolExecutor() if len(train) >= POOL_ROWS else InProcessExecutor()
 
+    from party_node.obfuscator_stock import key_fingerprint
+
+    # Obfuscators this node computed while idle for the agreement's arbiter key, if any.
+    stock = getattr(getattr(ctx.node, "obfuscators", None), "pool_for", None)
+
     def make_role() -> Any:
         if is_guest:
             assert y is not None
             return R.GuestRole(me, ctx.job_id, cfg, X[train], y[train], join_keys=train_keys, hosts=hosts,
-                               arbiter=ARBITER, executor=executor)
+                               arbiter=ARBITER, executor=executor, obfuscators=stock)
         return R.HostRole(me, ctx.job_id, cfg, X[train], join_keys=train_keys, guest=guest, hosts=hosts,
-                          arbiter=ARBITER, executor=executor)
+                          arbiter=ARBITER, executor=executor, obfuscators=stock)
 
     if agreed is None:
         store.save_rows(list(ordered))
@@ -612,6 +617,9 @@ def train_step(ctx: StepContext) -> dict[str, Any]:
         "gate": {"allowed_here": len(allowed), "allowed_everywhere": n, "denied": denied},
         "epochs": epochs, "losses": role.losses, "stop_reason": role.stop_reason,
         "setup_seconds": role.timings["setup_s"], "train_seconds": round(train_s, 3),
+        "encrypted": role.timings.get("encrypted", 0),
+        "obfuscators_from_stock": role.timings.get("obfuscators_from_stock", 0),
+        "arbiter_key_fingerprint": key_fingerprint(role.pub.n) if role.pub is not None else None,
         "seconds": round(time.perf_counter() - t0, 2),
         "bytes_sent": sent + links.relay.bytes_sent + links.bytes_to_arbiter, "key_bits": cfg.key_bits,
         "resumed_from_epochs": resumed_from,

@@ -12,6 +12,8 @@ import datetime as dt
 import hashlib
 import json
 import random
+import signal
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -475,6 +477,70 @@ def test_categorical_features_are_one_hot_at_their_own_node_and_scoring_uses_the
             assert s["score"] == pytest.approx(1 / (1 + np.exp(-u)), abs=1e-4)
             checked += 1
     assert checked >= 50
+
+
+def _stock(net: LocalNet, party: str) -> dict:
+    with net.client(party) as c:
+        return c.get("/v1/admin/obfuscators")
+
+
+def _restart(net: LocalNet, party: str, env: dict[str, str]) -> None:
+    net.kill(party, signal.SIGTERM)
+    net.start(party, extra_env={"CONFIDE_TEST_SHORT_KEYS": "1", **env})
+
+
+def test_nodes_precompute_obfuscators_for_the_agreements_arbiter_key_and_training_uses_them(world) -> None:  # type: ignore[no-untyped-def]
+    """The coordinator keeps one arbiter key per agreement; nodes fill a stock of r^n for it
+    while idle; a training job's setup then takes its obfuscators from the stock, and the
+    model is the same as without it."""
+    net, w = world
+    with net.client("brand") as c:
+        cold = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": _params(w)})
+    cold = wait_job(net, "brand", cold["id"], timeout=120)
+    assert cold["status"] == "succeeded", cold.get("error")
+    cold_parts = {p: _private(net, p, cold["id"]) for p in ("brand", "partner")}
+    for part in cold_parts.values():
+        assert part["obfuscators_from_stock"] == 0 and part["encrypted"] > 0
+    stock_env = {"CONFIDE_NODE_OBFUSCATOR_STOCK": "1500", "CONFIDE_NODE_OBFUSCATOR_KEY_BITS": "1024",
+                 "CONFIDE_NODE_OBFUSCATOR_WORKERS": "1", "CONFIDE_NODE_OBFUSCATOR_REFRESH_S": "2"}
+    try:
+        for party in ("brand", "partner"):
+            _restart(net, party, stock_env)
+        deadline = time.monotonic() + 180
+        while True:
+            st = {p: _stock(net, p) for p in ("brand", "partner")}
+            if all(len(v["keys"]) == 1 and v["keys"][0]["ready"] == 1500 for v in st.values()):
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.5)
+        keys = {p: v["keys"][0] for p, v in st.items()}
+        # One key, the agreement's, at both nodes; the same key the first (cold) job used.
+        assert {k["agreement_id"] for k in keys.values()} == {"vfl-2026"}
+        assert len({k["key_id"] for k in keys.values()}) == 1
+        fp = keys["brand"]["key_fingerprint"]
+        assert keys["partner"]["key_fingerprint"] == fp
+        assert {part["arbiter_key_fingerprint"] for part in cold_parts.values()} == {fp}
+
+        with net.client("brand") as c:
+            warm = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": _params(w)})
+        warm = wait_job(net, "brand", warm["id"], timeout=120)
+        assert warm["status"] == "succeeded", warm.get("error")
+        after = {p: _stock(net, p)["keys"][0] for p in ("brand", "partner")}
+        for p in ("brand", "partner"):
+            part = _private(net, p, warm["id"])
+            assert part["arbiter_key_fingerprint"] == fp
+            # Every encryption of the setup (and the per-batch rerandomizations) used the stock...
+            assert part["obfuscators_from_stock"] >= part["encrypted"] == cold_parts[p]["encrypted"] > 0
+            # ... and each stocked value went to exactly one use: what left the stock is what the job took.
+            assert after[p]["computed"] - after[p]["ready"] == part["obfuscators_from_stock"]
+            # The same rows, split and protocol: the same model, whatever the obfuscators.
+            assert np.allclose(part["model"]["weights"], cold_parts[p]["model"]["weights"], atol=1e-9, rtol=0)
+            assert part["losses"] == pytest.approx(cold_parts[p]["losses"], abs=1e-12)
+        # The stock holds obfuscators, never plaintext or key material: nothing of it reaches the job result.
+        assert "obfuscator" not in json.dumps(warm["result"])
+    finally:
+        for party in ("brand", "partner"):
+            _restart(net, party, {})
 
 
 def test_one_brand_and_two_partners_train_one_model_across_real_processes(world3) -> None:  # type: ignore[no-untyped-def]

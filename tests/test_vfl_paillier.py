@@ -149,3 +149,34 @@ def test_malformed_wire_is_refused() -> None:
         m.decode(m.MAGIC + struct.pack(">I", len(header)) + header + b"abc")
     with pytest.raises(ProtocolError):
         m.decode(good.replace(b'"epoch":1', b'"epoch":-1'))
+
+
+def test_an_obfuscator_pool_hands_each_value_out_once_across_threads() -> None:
+    """A node's idle-time stock is shared by its jobs' threads: no value may go out twice
+    (two ciphertexts with one r^n reveal the difference of their plaintexts)."""
+    import threading
+
+    pub, _ = pl.generate_keypair(1024)
+    pool = pl.ObfuscatorPool(pub)
+    pool.put([pl.mpz(v) for v in range(2, 4002)])  # distinct stand-ins: this tests the bookkeeping
+    got: list[list[int]] = []
+
+    def drain() -> None:
+        mine: list[int] = []
+        while True:
+            part = pool.take_upto(7)
+            if not part:
+                break
+            mine.extend(int(v) for v in part)
+        got.append(mine)
+
+    threads = [threading.Thread(target=drain) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    taken = [v for mine in got for v in mine]
+    assert len(taken) == 4000 and set(taken) == set(range(2, 4002)) and len(pool) == 0
+    # An empty pool computes what it lacks: take() always returns `count` fresh values.
+    fresh = pool.take(3)
+    assert len(fresh) == 3 and len({int(v) for v in fresh}) == 3 and pool.generated == 3

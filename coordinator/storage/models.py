@@ -167,3 +167,18 @@ class ArbiterSnapshot(CoordinatorBase):
     rows: Mapped[int] = mapped_column(Integer, doc="training rows (the arbiter role is rebuilt with it)")
     sealed: Mapped[bytes] = mapped_column(LargeBinary, doc="12-byte nonce + AES-GCM ciphertext")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ArbiterKeyRecord(CoordinatorBase):
+    """An agreement's Paillier key for the vertical-training arbiter (`coordinator.arbiter_keys`):
+    the public modulus in clear (parties fetch it ahead of jobs to precompute obfuscators), the
+    private half sealed (AES-GCM under a key derived from the coordinator's identity key)."""
+
+    __tablename__ = "arbiter_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    agreement_id: Mapped[str] = mapped_column(String(64), index=True)
+    key_bits: Mapped[int] = mapped_column(Integer)
+    n: Mapped[str] = mapped_column(Text, doc="the public modulus, decimal")
+    sealed: Mapped[bytes] = mapped_column(LargeBinary, doc="12-byte nonce + AES-GCM ciphertext of {n, p, q}")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
