@@ -51,6 +51,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -107,6 +108,8 @@ _PG_APPEND = (
 )
 # Batches up to this size take the one-statement path; larger ones (bulk `append_many`) COPY.
 _PG_FAST_MAX = 2000
+# Ping the log's own PostgreSQL connection before use when it sat idle longer than this.
+_PG_IDLE_PING_S = 1.0
 
 
 class AuditSettings(BaseSettings):
@@ -778,10 +781,6 @@ class _GroupCommit:
             if mine:
                 return self._result(me)
 
-    def waiting(self) -> bool:
-        """Whether callers are queued for a next round (a racy hint, for keeping resources)."""
-        return bool(self._queue)
-
     @staticmethod
     def _result(p: _Pending) -> int:
         if p.error is not None:
@@ -818,7 +817,9 @@ class AuditLog:
         self._is_pg = self.engine.dialect.name == "postgresql"
         self._is_sqlite = self.engine.dialect.name == "sqlite"
         self._next: int | None = None  # cached next seq for own-transaction appends
-        self._pg_conn: Any = None  # pooled connection kept while group-commit rounds are queued
+        self._pg_raw: Any = None  # own psycopg connection for one-statement appends (PostgreSQL)
+        self._pg_pid = 0
+        self._pg_used = 0.0
         self._group = _GroupCommit(self._commit)
 
     # -- writing ---------------------------------------------------------------------------------
@@ -881,16 +882,10 @@ class AuditLog:
     def _commit(self, items: list[tuple[str, str, str]]) -> list[int]:
         """Write `items` in one transaction of their own and commit it."""
         with self._lock:
-            if self._is_pg:
-                try:
-                    if self._next is not None and len(items) <= _PG_FAST_MAX:
-                        seqs = self._pg_append(items, self._next)
-                        if seqs is not None:
-                            return seqs
-                finally:
-                    # Keep the connection only while more group-commit rounds are queued.
-                    if self._pg_conn is not None and not self._group.waiting():
-                        self._pg_release()
+            if self._is_pg and self._next is not None and len(items) <= _PG_FAST_MAX:
+                seqs = self._pg_append(items, self._next)
+                if seqs is not None:
+                    return seqs
             for attempt in range(8):
                 try:
                     with self.engine.begin() as conn:
@@ -923,49 +918,67 @@ class AuditLog:
         params = {"key": Int8(_PG_LOCK_KEY), "first": Int8(first), "seq": seqs,
                   "kind": [it[0] for it in items], "at": [it[1] for it in items],
                   "pj": [it[2] for it in items], "hash": hashes}
-        if self._pg_conn is None:
-            fairy = self.engine.raw_connection()
-            try:
-                fairy.driver_connection.autocommit = True  # type: ignore[union-attr]
-            except BaseException:
-                fairy.close()
-                raise
-            self._pg_conn = fairy
-        raw = self._pg_conn.driver_connection
+        raw = self._pg_connection()
         try:
-            with raw.cursor() as cur:  # type: ignore[union-attr]
+            with raw.cursor() as cur:
                 cur.execute(_PG_APPEND, params)
                 written = cur.rowcount
         except psycopg.Error as exc:
             self._next = None
-            if raw.broken or raw.closed or isinstance(exc, psycopg.OperationalError):  # type: ignore[union-attr]
-                self._pg_release(invalidate=True)
+            if raw.broken or raw.closed or exc.sqlstate is None:
+                # No answer from the server: the statement may or may not have committed.
+                self.close()
                 raise OperationalError("audit append (one-statement path)", None, exc) from exc
-            # The server refused the statement (a duplicate seq, or any other error): nothing
-            # was committed; the slow path retries or raises the error the SQLAlchemy way.
+            # The server answered with an error (a duplicate seq, a missing table, ...), so
+            # nothing was committed: the slow path retries, or raises it the SQLAlchemy way.
             return None
         if written != len(items):  # the leaf before `first` is missing: `first` was stale
             self._next = None
             return None
         self._next = first + len(items)
+        self._pg_used = time.monotonic()
         return seqs
 
-    def _pg_release(self, invalidate: bool = False) -> None:
-        fairy, self._pg_conn = self._pg_conn, None
-        if fairy is None:
-            return
-        try:
-            if invalidate:
-                fairy.invalidate()
-            else:
-                fairy.driver_connection.autocommit = False  # type: ignore[union-attr]
-        except Exception:  # a broken connection: drop it from the pool
+    def _pg_connection(self) -> Any:
+        """This log's own psycopg connection for `_pg_append` (autocommit), made on first use.
+
+        It is detached from the engine's pool, so it takes no pool slot and skips the pool's
+        per-checkout ping; instead it is pinged only after it sat idle for `_PG_IDLE_PING_S`
+        (a server restart while idle is then healed, not reported). A connection inherited
+        across fork() is abandoned, never used or closed (the parent still owns its socket).
+        """
+        raw = self._pg_raw
+        if raw is not None and self._pg_pid != os.getpid():
+            raw = self._pg_raw = None
+        if raw is not None and (raw.closed or raw.broken):
+            self.close()
+            raw = None
+        if raw is not None and time.monotonic() - self._pg_used > _PG_IDLE_PING_S:
             try:
-                fairy.invalidate()
+                raw.execute("SELECT 1")
+            except Exception:
+                self.close()
+                raw = None
+        if raw is None:
+            fairy = self.engine.raw_connection()
+            raw = fairy.driver_connection
+            try:
+                raw.autocommit = True
+            except BaseException:
+                fairy.close()
+                raise
+            fairy.detach()
+            self._pg_raw, self._pg_pid, self._pg_used = raw, os.getpid(), time.monotonic()
+        return raw
+
+    def close(self) -> None:
+        """Close this log's own PostgreSQL connection, if any (it is reopened when needed)."""
+        raw, self._pg_raw = self._pg_raw, None
+        if raw is not None and self._pg_pid == os.getpid():
+            try:
+                raw.close()
             except Exception:
                 pass
-        finally:
-            fairy.close()
 
     def _insert(self, conn: Connection, items: list[tuple[str, str, str]], first: int | None) -> list[int]:
         """Insert leaves from seq `first`; None: read it inside this transaction (on PostgreSQL
