@@ -72,7 +72,7 @@ def write_events(path: Path, n_events: int, seed: int = 7) -> int:
     return n_grants
 
 
-def run(url: str, n_events: int, reimport: bool) -> dict[str, object]:
+def run(url: str, n_events: int, reimport: bool, profile: str | None = None) -> dict[str, object]:
     engine = make_engine(url)
     ensure_tables(engine)
     AuditBase.metadata.create_all(engine)
@@ -93,8 +93,17 @@ def run(url: str, n_events: int, reimport: bool) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "events.csv"
         n_subjects = write_events(path, n_events)
+        prof = None
+        if profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         t, c = time.perf_counter(), time.process_time()
         res = import_file(store, path)
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(profile)
         out["import_s"] = round(time.perf_counter() - t, 2)
         out["import_client_cpu_s"] = round(time.process_time() - c, 2)
         out["recorded"] = res.recorded
@@ -126,9 +135,10 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--database-url", required=True)
     ap.add_argument("--reimport", action="store_true", help="Also time an idempotent re-import")
+    ap.add_argument("--profile", metavar="FILE", help="Write a cProfile of the import (this process only) to FILE")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
-    result = run(args.database_url, args.events, args.reimport)
+    result = run(args.database_url, args.events, args.reimport, args.profile)
     result["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     result["backend"] = args.database_url.split(":", 1)[0]
     result["python"] = platform.python_version()

@@ -4,6 +4,9 @@ Columns / keys: event_id, subject, identifier, purpose, recipient, action, chann
 notice_version, valid_from, valid_until, received_at, and optionally legal_basis and actor.
 Empty cells mean "not given". The whole file is one transaction and idempotent by event_id:
 importing the same file again records nothing new.
+
+The file is read here in chunks of raw lines (`read_chunks`); parsing and validating them is
+part of preparing a chunk (`consent.prepare`), which a big import runs in worker processes.
 """
 
 from __future__ import annotations
@@ -11,16 +14,17 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import json
+import itertools
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 from pydantic import ValidationError as PydanticValidationError
 
 from confide.errors import ValidationError
-from consent.schemas import ConsentEventIn, NoticeIn
-from consent.schemas import RecordResult
-from consent.store import ConsentStore, pydantic_error
+from consent import store as _store
+from consent.prepare import pydantic_error
+from consent.schemas import NoticeIn, RecordResult
+from consent.store import ConsentStore
 
 COLUMNS = (
     "event_id", "subject", "identifier", "purpose", "recipient", "action", "channel",
@@ -33,21 +37,26 @@ _REQUIRED = ("event_id", "subject", "purpose", "action", "channel")
 def import_file(store: ConsentStore, path: Path | str) -> RecordResult:
     """Record every event in `path` (see the module docstring). Raises ValidationError naming
     the file, line and field of the first bad row; nothing is written then."""
-    return store.import_events(read_events(path))
+    return store.import_chunks(read_chunks(path))
 
 
-def read_events(path: Path | str) -> Iterator[tuple[str, ConsentEventIn]]:
-    """(label, event) for each row of a CSV or JSONL file; label is `FILE line N`."""
+def read_chunks(path: Path | str, size: int | None = None) -> Iterator[tuple[Any, ...]]:
+    """The raw chunks of a CSV or JSONL file, `size` lines each (default: the store's import
+    chunk), in the forms `consent.prepare` describes. The CSV header is checked here."""
     path = Path(path)
     if not path.is_file():
         raise ValidationError(f"file: {path} does not exist", field="file")
     kind = _kind(path)
+    size = size or _store._IMPORT_CHUNK
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8", newline="") as fh:  # type: ignore[operator]
         if kind == "csv":
-            yield from _csv_rows(path.name, fh)
+            yield from _csv_chunks(path.name, fh, size)
         else:
-            yield from _jsonl_rows(path.name, fh)
+            lineno = 1
+            while block := list(itertools.islice(fh, size)):
+                yield ("jsonl", path.name, lineno, "".join(block))
+                lineno += len(block)
 
 
 def read_notices(path: Path | str) -> list[NoticeIn]:
@@ -78,18 +87,8 @@ def _kind(path: Path) -> str:
     raise ValidationError(f"file: {path.name}: expected a .csv or .jsonl file (optionally .gz)", field="file")
 
 
-def _clean(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if v is not None and v != ""}
-
-
-def _parse(label: str, row: dict[str, Any]) -> tuple[str, ConsentEventIn]:
-    try:
-        return label, ConsentEventIn.model_validate(row)
-    except PydanticValidationError as exc:
-        raise pydantic_error(exc, label) from None
-
-
-def _csv_rows(name: str, fh: IO[str]) -> Iterator[tuple[str, ConsentEventIn]]:
+def _csv_chunks(name: str, fh: IO[str], size: int) -> Iterator[tuple[Any, ...]]:
+    """Line numbers count CSV records from the header's 1 (a quoted field may span lines)."""
     reader = csv.reader(fh)
     try:
         header = next(reader)
@@ -105,34 +104,24 @@ def _csv_rows(name: str, fh: IO[str]) -> Iterator[tuple[str, ConsentEventIn]]:
     missing = [c for c in _REQUIRED if c not in header]
     if missing:
         raise ValidationError(f"{name}: missing column(s) {', '.join(missing)}", field="columns")
-    width = len(header)
-    validate = ConsentEventIn.model_validate
-    for lineno, values in enumerate(reader, start=2):
-        if len(values) != width:
-            if not values:
-                continue
-            raise ValidationError(
-                f"{name} line {lineno}: expected {width} fields, found {len(values)}", field=f"line {lineno}"
-            )
-        row = {k: v for k, v in zip(header, values) if v}
-        try:
-            yield f"{name} line {lineno}", validate(row)
-        except PydanticValidationError as exc:
-            raise pydantic_error(exc, f"{name} line {lineno}") from None
-
-
-def _jsonl_rows(name: str, fh: IO[str]) -> Iterator[tuple[str, ConsentEventIn]]:
-    for lineno, line in enumerate(fh, start=1):
-        line = line.strip()
-        if not line:
+    lines = iter(fh)
+    lineno = 2
+    while block := list(itertools.islice(lines, size)):
+        text = "".join(block)
+        if '"' not in text:  # no quoting: every line is one record
+            yield ("csv", name, header, lineno, text)
+            lineno += len(block)
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"{name} line {lineno}: not valid JSON ({exc.msg})", field=f"line {lineno}") from None
-        if not isinstance(obj, dict):
-            raise ValidationError(f"{name} line {lineno}: expected a JSON object", field=f"line {lineno}")
-        yield _parse(f"{name} line {lineno}", _clean(obj))
+        # Quoted fields may span lines: let csv find where the block's last record ends
+        # (pulling further lines if it runs on) and ship parsed records.
+        records = csv.reader(itertools.chain(block, lines))
+        rows = []
+        for values in records:
+            rows.append(values)
+            if records.line_num >= len(block):
+                break
+        yield ("csvrows", name, header, lineno, rows)
+        lineno += len(rows)
 
 
 def write_csv(rows: list[dict[str, Any]], fh: IO[str] | io.StringIO) -> None:

@@ -34,17 +34,17 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import collections
 import logging
+import multiprocessing
 import os
 import itertools
 import operator
-import queue
-import threading
 import uuid
 import zoneinfo
 from collections import Counter
+from concurrent.futures import Future, ProcessPoolExecutor
 from itertools import compress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
@@ -61,6 +61,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from confide import db
 from confide.errors import ConfigurationError, Conflict, ValidationError
 from consent.gate import GateDecision
+from consent.prepare import (
+    EVENT_COLS,
+    STATE_COLS,
+    Batch,
+    NoticeTerms as _NoticeTerms,
+    Preparer,
+    PrepSpec,
+    batch_digest,
+    init_worker,
+    pydantic_error,
+    rebuild_error,
+    work,
+)
 from consent.models import (
     ConsentEvent,
     ContactRecord,
@@ -79,7 +92,6 @@ from consent.purposes import PurposeRegistry
 from consent.schemas import (
     CONTACT_PURPOSE_ROOTS,
     MAX_BATCH,
-    NEGATIVE_ACTIONS,
     AccessReport,
     ConsentEventIn,
     ConsentEventOut,
@@ -100,11 +112,13 @@ from consent.schemas import (
 
 log = logging.getLogger("confide.consent")
 
-__all__ = ["AuditSink", "ConsentSettings", "ConsentStore", "LoggingAuditSink", "ensure_tables", "load_or_create_secret"]
+__all__ = [
+    "AuditSink", "ConsentSettings", "ConsentStore", "LoggingAuditSink", "batch_digest", "ensure_tables",
+    "load_or_create_secret", "pydantic_error",
+]
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _US = dt.timedelta(microseconds=1)
-_RANK = {"granted": 0, "expired": 1, "refused": 2, "withdrawn": 3}
 # Reasons a non-vetoed subject without a usable grant is denied, strongest first.
 _WEAK_REASONS = ("expired", "notice_superseded", "not_in_notice", "no_recipient_consent", "not_yet_valid")
 _WEAK_RANK = {r: i for i, r in enumerate(reversed(_WEAK_REASONS))}
@@ -112,7 +126,10 @@ _IMPORT_CHUNK = 20_000
 _SMALL_GATE = 20_000  # up to this many distinct subjects the gate looks them up instead of scanning
 _IN_CHUNK = 5_000
 _REMEMBER_IDS = 2_000_000  # event ids an import into an empty table keeps in memory (about 150 MB)
-_PIPELINE = True  # prepare the next import chunk while the previous one is written (see _pipelined)
+# Worker processes that prepare the chunks of a multi-chunk file import while this process
+# writes (see `_IngestContext.run`); 0 prepares in-process.
+_IMPORT_WORKERS = 2 if (os.cpu_count() or 1) >= 2 else 0
+_POOL_AHEAD = 2  # chunks queued per worker beyond the one it is preparing
 
 WithdrawalHook = Callable[[str, str, "str | None"], None]
 ErasureHook = Callable[[str], None]
@@ -171,6 +188,7 @@ class _Keys:
         if not isinstance(secret, (bytes, bytearray)) or len(secret) < 16:
             raise ConfigurationError("the consent secret key must be at least 16 bytes")
         pkey = _hkdf(bytes(secret), b"confide/consent/pseudonym/v1")
+        self.pseudonym_key = pkey  # for import worker processes (PrepSpec); never logged
         block = pkey.ljust(64, b"\0")
         # HMAC-SHA256 with the pads hashed once: ~2x faster than hmac.digest per subject.
         # Pseudonyms are its first 128 bits in hex (collision-free at any realistic scale).
@@ -222,29 +240,6 @@ def _us(t: dt.datetime) -> int:
     return (t - EPOCH) // _US
 
 
-_NAIVE_EPOCH = dt.datetime(1970, 1, 1)
-
-
-def _naive_utc(v: dt.datetime) -> dt.datetime:
-    """`v` as a naive UTC datetime (naive input is taken as UTC)."""
-    if v.tzinfo is None:
-        return v
-    off = v.utcoffset()
-    v = v.replace(tzinfo=None)
-    return v - off if off else v
-
-
-def _naive_us(v: dt.datetime) -> int:
-    """Microseconds since the epoch of a naive UTC datetime."""
-    return (v - _NAIVE_EPOCH) // _US
-
-
-def _naive_text(v: dt.datetime) -> str:
-    """A naive UTC datetime in `_sqlite_ts` text form."""
-    text_ = v.isoformat(" ")
-    return text_ if v.microsecond else text_ + ".000000"
-
-
 def _from_us(us: int | None) -> dt.datetime | None:
     return None if us is None else EPOCH + dt.timedelta(microseconds=us)
 
@@ -254,34 +249,6 @@ def _fmt(t: dt.datetime | None) -> str:
 
 
 # --------------------------------------------------------------------------- notices
-
-
-@dataclass(frozen=True)
-class _NoticeTerms:
-    version: str
-    notice: str
-    published_at: dt.datetime
-    # purpose key -> (recipients, data categories)
-    entries: Mapping[str, tuple[frozenset[str], frozenset[str]]]
-
-    def entry_for(self, purpose: str) -> tuple[frozenset[str], frozenset[str]] | None:
-        """The terms the notice states for `purpose`: its most specific listed ancestor-or-self."""
-        parts = purpose.split(".")
-        for i in range(len(parts), 0, -1):
-            hit = self.entries.get(".".join(parts[:i]))
-            if hit is not None:
-                return hit
-        return None
-
-    def overlaps(self, purpose: str) -> bool:
-        return any(k == purpose or k.startswith(purpose + ".") or purpose.startswith(k + ".") for k in self.entries)
-
-    def recipients_for(self, purpose: str) -> set[str]:
-        out: set[str] = set()
-        for k, (recips, _cats) in self.entries.items():
-            if k == purpose or k.startswith(purpose + ".") or purpose.startswith(k + "."):
-                out |= recips
-        return out
 
 
 def notice_content_hash(n: NoticeIn) -> str:
@@ -331,33 +298,6 @@ def insufficient_versions(
         if theirs is None or theirs[1] != mine[1] or (recipient is not None and recipient not in theirs[0]):
             out[n.version] = "notice_superseded"
     return out
-
-
-# --------------------------------------------------------------------------- prepared events
-
-
-@dataclass(slots=True)
-class _Prepared:
-    event: ConsentEventIn
-    label: str
-    ref: str
-    recipient: str
-    received_at: dt.datetime  # the three times naive UTC
-    valid_from: dt.datetime
-    valid_until: dt.datetime | None
-    actor: str
-    content_hash: str
-    texts: tuple[str, str, str]  # received_at, valid_from, valid_until as canonical text
-
-
-def _event_hash(e: ConsentEventIn, ref: str, ident_ref: str, received_at: str, valid_from: str,
-                valid_until: str, actor: str) -> str:
-    """sha256 over the event's fields as stored (times in `_sqlite_ts` text form, UTC)."""
-    fields = (
-        e.event_id, ref, ident_ref, e.purpose, e.recipient or "", e.action, e.legal_basis, e.channel,
-        e.notice_version or "", valid_from, valid_until, actor, received_at,
-    )
-    return hashlib.sha256("\x1f".join(fields).encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------- the store
@@ -527,7 +467,7 @@ class ConsentStore:
             )
         parsed = [_validate(ConsentEventIn, e, f"events[{i}]") for i, e in enumerate(events)]
         return self._ingest_all(
-            ((f"events[{i}]", e) for i, e in enumerate(parsed)), default_actor=default_actor, source="api"
+            _event_chunks((f"events[{i}]", e) for i, e in enumerate(parsed)), default_actor=default_actor, source="api"
         )
 
     def import_events(
@@ -535,7 +475,14 @@ class ConsentStore:
     ) -> RecordResult:
         """Record a stream of (label, event) pairs of any length in one transaction; labels
         (e.g. `line 12`) name the offending row in errors. Idempotent by event id."""
-        return self._ingest_all(events, default_actor=default_actor, source="import")
+        return self._ingest_all(_event_chunks(events), default_actor=default_actor, source="import")
+
+    def import_chunks(self, chunks: Iterable[tuple[Any, ...]], *, default_actor: str = "import") -> RecordResult:
+        """Record the raw chunks of a file (`consent.importer.read_chunks`; the chunk forms are
+        described in `consent.prepare`) in one transaction, idempotent by event id. More than one
+        chunk is prepared in worker processes. Raises ValidationError naming the line and field
+        of the first bad row, Conflict as `record_events`; nothing is written then."""
+        return self._ingest_all(chunks, default_actor=default_actor, source="import")
 
     def record_remote_withdrawal(
         self,
@@ -564,18 +511,16 @@ class ConsentStore:
             default_actor=f"party:{from_party}",
         )
 
-    def _ingest_all(
-        self, labelled: Iterable[tuple[str, ConsentEventIn]], *, default_actor: str, source: str
-    ) -> RecordResult:
+    def _ingest_all(self, chunks: Iterable[tuple[Any, ...]], *, default_actor: str, source: str) -> RecordResult:
         recorded = 0
         duplicates = 0
         new_ids: list[str] = []
         withdrawals: list[tuple[str, str, str | None]] = []
         with db.session_scope(self.factory) as session:
-            ctx = _IngestContext(self, session)
+            ctx = _IngestContext(self, session, default_actor)
             if ctx.pg:
                 _open_state_stage(session)
-            for n_new, n_dup, ids, wd in _pipelined(ctx, _chunks(labelled, _IMPORT_CHUNK), default_actor, source):
+            for n_new, n_dup, ids, wd in ctx.run(chunks, source):
                 recorded += n_new
                 duplicates += n_dup
                 if len(new_ids) < 1000:
@@ -1090,67 +1035,11 @@ def _preference_denial(p: Preferences, channel: str, topic: str, local: dt.datet
 _WriteResult = tuple[int, int, list[str], list[tuple[str, str, str | None]]]
 
 
-def _pipelined(
-    ctx: "_IngestContext", chunks: Iterator[list[tuple[str, ConsentEventIn]]], default_actor: str, source: str
-) -> list[_WriteResult]:
-    """Prepare chunk k+1 (parse, validate, pseudonymise, hash: Python CPU) while chunk k is
-    written by a second thread (database round trips, COPY or executemany, during which the
-    driver releases the GIL and the database server works on the other core). Writes stay in
-    order on the one transaction of `ctx.session`. A single chunk is written inline.
-
-    Errors keep their sequential order: the writer stops at its first error; a preparation
-    error of a later chunk is raised only if every earlier chunk was written cleanly."""
-    first = next(chunks, None)
-    if first is None:
-        return []
-    prepared = ctx.prepare_chunk(first, default_actor)
-    second = next(chunks, None)
-    if second is None or not _PIPELINE:
-        out = [ctx.write_chunk(*prepared, default_actor, source)]
-        for chunk in itertools.chain([] if second is None else [second], chunks):
-            out.append(ctx.write_chunk(*ctx.prepare_chunk(chunk, default_actor), default_actor, source))
-        return out
-    work: queue.Queue[tuple[dict[str, _Prepared], int] | None] = queue.Queue(maxsize=2)
-    results: list[_WriteResult] = []
-    failed: list[BaseException] = []
-
-    def writer() -> None:
-        while True:
-            item = work.get()
-            if item is None:
-                return
-            if failed:
-                continue  # drain after an error; the transaction is rolled back
-            try:
-                results.append(ctx.write_chunk(*item, default_actor, source))
-            except BaseException as exc:
-                failed.append(exc)
-
-    thread = threading.Thread(target=writer, name="consent-import-writer", daemon=True)
-    thread.start()
-    try:
-        work.put(prepared)
-        for chunk in itertools.chain([second], chunks):
-            if failed:
-                break
-            work.put(ctx.prepare_chunk(chunk, default_actor))
-    except BaseException:
-        work.put(None)
-        thread.join()
-        if failed:
-            raise failed[0] from None
-        raise
-    work.put(None)
-    thread.join()
-    if failed:
-        raise failed[0]
-    return results
-
-
 class _IngestContext:
-    """Per-transaction state of an ingest: caches of notices, recipients and subject keys."""
+    """Per-transaction state of an ingest: caches of notices, recipients and subject keys, and
+    the preparation spec (see `consent.prepare`)."""
 
-    def __init__(self, store: ConsentStore, session: Session) -> None:
+    def __init__(self, store: ConsentStore, session: Session, default_actor: str) -> None:
         self.store = store
         self.session = session
         self.notices = {n.version: n for n in store._notices(session)}
@@ -1164,199 +1053,137 @@ class _IngestContext:
         self.written_ids: set[str] | None = set() if self.events_empty else None
         self.pg = session.get_bind().dialect.name == "postgresql"
         self.ts = _pg_ts if self.pg else _sqlite_ts
-        self._checked: set[tuple[Any, ...]] = set()
+        self.spec = PrepSpec(
+            pseudonym_key=store._keys.pseudonym_key, purposes=store.purposes, recipients=frozenset(self.recipients),
+            notices=self.notices, now=self.now, default_actor=default_actor, pg=self.pg,
+        )
+        self.preparer = Preparer(self.spec)
         if not self.pg:
             # A bigger page cache keeps the index B-trees in memory during bulk imports.
             _raw(session).execute("PRAGMA cache_size = -1048576")
 
-    def prepare(self, label: str, e: ConsentEventIn, ref: str, default_actor: str,
-                received_at: dt.datetime | None = None) -> _Prepared:
-        if e.recipient == "" or e.notice_version == "" or e.identifier == "" or e.actor == "":
-            e = e.model_copy(update={k: None for k in ("recipient", "notice_version", "identifier", "actor")
-                                     if getattr(e, k) == ""})
-        check_key = (e.purpose, e.recipient, e.action, e.notice_version)
-        if check_key not in self._checked:
-            self._check(label, e)
-            self._checked.add(check_key)
-        # Times are converted once to naive UTC (naive input = UTC): 10^6 events make every
-        # tz-aware datetime operation (each asks the tzinfo for its offset) show in the profile.
-        rec_at = _naive_utc(e.received_at or received_at or self.now)
-        valid_from = rec_at if e.valid_from is None else _naive_utc(e.valid_from)
-        valid_until = None if e.valid_until is None else _naive_utc(e.valid_until)
-        if valid_until is not None and valid_until <= valid_from:
-            raise ValidationError(
-                f"{label}.valid_until: must be after valid_from ({valid_from.isoformat()}Z)", field=f"{label}.valid_until"
-            )
-        actor = e.actor or default_actor
-        ident_ref = self.store._keys.ref("id:" + e.identifier) if e.identifier else ""
-        rec_text = _naive_text(rec_at)
-        from_text = rec_text if valid_from is rec_at else _naive_text(valid_from)
-        texts = (rec_text, from_text, "" if valid_until is None else _naive_text(valid_until))
-        digest = _event_hash(e, ref, ident_ref, texts[0], texts[1], texts[2], actor)
-        return _Prepared(e, label, ref, e.recipient or "", rec_at, valid_from, valid_until, actor, digest, texts)
+    def run(self, chunks: Iterable[tuple[Any, ...]], source: str) -> Iterator[_WriteResult]:
+        """Prepare and write every chunk, in order. A file import of more than one chunk is
+        prepared by worker processes (parse, validate, pseudonymise, hash: Python CPU) while
+        this process writes (encrypt identifiers, COPY or executemany, audit), so both cores
+        work. Errors keep their sequential order: chunk k's results, including its error, are
+        taken only after every earlier chunk was written cleanly."""
+        it = iter(chunks)
+        first = next(it, None)
+        if first is None:
+            return
+        second = next(it, None)
+        rest = itertools.chain([first], [] if second is None else [second], it)
+        if second is None or first[0] == "events" or _IMPORT_WORKERS < 1:
+            for chunk in rest:
+                yield self.write(self.preparer.prepare(chunk), chunk, source)
+            return
+        # fork: a worker starts at once and needs nothing re-imported (forkserver and spawn
+        # would also re-run the caller's main script, breaking scripts without a main guard).
+        context = multiprocessing.get_context("fork")
+        pool = ProcessPoolExecutor(
+            max_workers=_IMPORT_WORKERS, mp_context=context, initializer=init_worker, initargs=(self.spec,)
+        )
+        pending: collections.deque[tuple[tuple[Any, ...], Future[tuple[str, Any]]]] = collections.deque()
+        try:
+            for chunk in rest:
+                pending.append((chunk, pool.submit(work, chunk)))
+                if len(pending) > _IMPORT_WORKERS * (1 + _POOL_AHEAD):
+                    yield self._write_done(*pending.popleft(), source)
+            while pending:
+                yield self._write_done(*pending.popleft(), source)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
-    def _check(self, label: str, e: ConsentEventIn) -> None:
-        """Validate what depends only on purpose, recipient, action and notice version."""
-        reg = self.store.purposes
-        reg.get(e.purpose, field=f"{label}.purpose")
-        if e.recipient is not None and e.recipient not in self.recipients:
-            raise ValidationError(
-                f"{label}.recipient: unknown recipient {e.recipient!r}; known: {', '.join(sorted(self.recipients)) or 'none'}",
-                field=f"{label}.recipient",
-            )
-        if e.action == "granted":
-            if reg.recipient_specific(e.purpose) and e.recipient is None:
-                raise ValidationError(
-                    f"{label}.recipient: a grant for {e.purpose!r} must name the recipient (separate consent)",
-                    field=f"{label}.recipient",
-                )
-            if e.notice_version is None:
-                raise ValidationError(
-                    f"{label}.notice_version: a grant must name the notice version shown", field=f"{label}.notice_version"
-                )
-        if e.notice_version is not None:
-            terms = self.notices.get(e.notice_version)
-            if terms is None:
-                raise ValidationError(
-                    f"{label}.notice_version: unknown notice version {e.notice_version!r}; register it first",
-                    field=f"{label}.notice_version",
-                )
-            if e.action == "granted":
-                if not terms.overlaps(e.purpose):
-                    raise ValidationError(
-                        f"{label}.purpose: notice {e.notice_version!r} does not cover purpose {e.purpose!r}",
-                        field=f"{label}.purpose",
-                    )
-                if (
-                    e.recipient is not None
-                    and reg.needs_named_grant(e.purpose, e.recipient)
-                    and e.recipient not in terms.recipients_for(e.purpose)
-                ):
-                    raise ValidationError(
-                        f"{label}.recipient: notice {e.notice_version!r} does not name recipient {e.recipient!r} "
-                        f"for {e.purpose!r}",
-                        field=f"{label}.recipient",
-                    )
+    def _write_done(self, chunk: tuple[Any, ...], future: Future[tuple[str, Any]], source: str) -> _WriteResult:
+        status, value = future.result()
+        if status == "error":
+            raise rebuild_error(*value)
+        return self.write(value, chunk, source)
 
-    def ingest(
-        self, chunk: list[tuple[str, ConsentEventIn]], default_actor: str, source: str
-    ) -> tuple[int, int, list[str], list[tuple[str, str, str | None]]]:
-        """Prepare and write one chunk (see `prepare_chunk` and `write_chunk`)."""
-        prepared, duplicates = self.prepare_chunk(chunk, default_actor)
-        return self.write_chunk(prepared, duplicates, default_actor, source)
-
-    def prepare_chunk(
-        self, chunk: list[tuple[str, ConsentEventIn]], default_actor: str
-    ) -> tuple[dict[str, _Prepared], int]:
-        """Validate, pseudonymise and hash one chunk; no database access (it may run while the
-        previous chunk is being written). Returns the distinct events by id and how many
-        repeats of an event earlier in the chunk were dropped."""
-        refs = self.store._keys.refs(e.subject for _, e in chunk)
-        prepared: dict[str, _Prepared] = {}
-        duplicates = 0
-        for (label, e), ref in zip(chunk, refs):
-            p = self.prepare(label, e, ref, default_actor)
-            seen = prepared.get(e.event_id)
-            if seen is not None:
-                if seen.content_hash != p.content_hash:
-                    raise Conflict(
-                        f"{label}.event_id: event id {e.event_id!r} appears twice with different content "
-                        f"(first at {seen.label})",
-                        field=f"{label}.event_id",
-                    )
-                duplicates += 1
-                continue
-            prepared[e.event_id] = p
-        return prepared, duplicates
-
-    def write_chunk(
-        self, prepared: dict[str, _Prepared], duplicates: int, default_actor: str, source: str
-    ) -> tuple[int, int, list[str], list[tuple[str, str, str | None]]]:
+    def write(self, batch: Batch, chunk: tuple[Any, ...], source: str) -> _WriteResult:
         """Drop events already recorded (raising Conflict for an id recorded with other content
         or an erased subject), encrypt identifiers, write events and projection rows, and
         append the batch's audit entry. Returns (recorded, duplicates, new ids, withdrawals)."""
         session = self.session
-        if not self.events_empty and prepared:
-            candidates = list(prepared) if self.written_ids is None else [i for i in prepared if i in self.written_ids]
+        if not self.events_empty and batch.ids:
+            candidates = batch.ids if self.written_ids is None else [i for i in batch.ids if i in self.written_ids]
+            found: dict[str, tuple[str, dt.datetime]] = {}
             for ids in _chunks(candidates, _IN_CHUNK):
-                rows = _existing_events(session, ids, self.pg)
-                for event_id, digest, received_at in rows:
-                    p = prepared.pop(event_id)
-                    if p.content_hash != digest and p.event.received_at is None:
-                        # Retried without received_at: compare as if sent with the stored one.
-                        p = self.prepare(p.label, p.event, p.ref, default_actor, received_at=received_at)
-                    if p.content_hash != digest:
-                        raise Conflict(
-                            f"{p.label}.event_id: event id {event_id!r} is already recorded with different "
-                            "content; event ids must be unique",
-                            field=f"{p.label}.event_id",
-                        )
-                    duplicates += 1
-        if not prepared:
-            return 0, duplicates, [], []
-        new = list(prepared.values())
+                found.update((i, (h, r)) for i, h, r in _existing_events(session, ids, self.pg))
+            if found:
+                batch = self._drop_recorded(batch, chunk, found)
+        if not batch.ids:
+            return 0, batch.duplicates, [], []
         if self.any_tombstones:
             erased = set()
-            for refs_chunk in _chunks(sorted({p.ref for p in new}), _IN_CHUNK):
+            for refs_chunk in _chunks(sorted(set(batch.refs)), _IN_CHUNK):
                 erased |= set(session.scalars(select(Tombstone.subject_ref).where(Tombstone.subject_ref.in_(refs_chunk))))
-            for p in new:
-                if p.ref in erased:
+            for i, ref in enumerate(batch.refs):
+                if ref in erased:
+                    label = batch.label(i)
                     raise Conflict(
-                        f"{p.label}.subject: this subject was erased; nothing more is recorded for it",
-                        field=f"{p.label}.subject",
+                        f"{label}.subject: this subject was erased; nothing more is recorded for it",
+                        field=f"{label}.subject",
                     )
-        self._load_subject_keys({p.ref for p in new if p.event.identifier})
-        batch_id = uuid.uuid4().hex[:16]
-        event_rows = []
-        state_rows: dict[tuple[str, str, str], tuple[Any, ...]] = {}
-        keys = self.store._keys
-        for p in new:
-            e = p.event
-            ct = None
-            if e.identifier:
-                ct = keys.seal(self.subject_keys[p.ref], p.ref, e.event_id, e.identifier)
-            okey = f"{max(_naive_us(p.received_at), 0):020d}.{_RANK[e.action]}.{e.event_id}"
-            event_rows.append((
-                e.event_id, p.ref, e.purpose, p.recipient, e.action, e.legal_basis, e.channel, e.notice_version,
-                # Canonical UTC text on both backends: SQLite stores it as is, PostgreSQL's COPY
-                # parses it into `timestamp` (no per-row datetime conversion in Python).
-                p.texts[1], p.texts[2] or None, p.actor, p.texts[0],
-                ct, p.content_hash, batch_id,
-            ))
-            k = (p.ref, e.purpose, p.recipient)
-            cur = state_rows.get(k)
-            if cur is None or okey > cur[8]:
-                state_rows[k] = (
-                    e.purpose, p.recipient, p.ref, e.action, e.event_id, e.notice_version, _naive_us(p.valid_from),
-                    None if p.valid_until is None else _naive_us(p.valid_until), okey,
-                )
-        _bulk_insert(session, "consent_events", _EVENT_COLS, event_rows, self.pg)
-        _upsert_state(session, list(state_rows.values()), self.pg)
+        refs, ids, rows = batch.refs, batch.ids, batch.rows
+        self._load_subject_keys({refs[i] for i, _ in batch.idents})
+        seal, keys = self.store._keys.seal, self.subject_keys
+        if self.pg:
+            for i, ident in batch.idents:
+                rows[i] += f"\\\\x{seal(keys[refs[i]], refs[i], ids[i], ident).hex()}\n"
+            _copy_text(session, "consent_events", EVENT_COLS, "".join(rows))
+            _copy_text(session, "consent_state_stage", _STATE_COLS, "".join(batch.state))
+        else:
+            for i, ident in batch.idents:
+                rows[i] = (*rows[i][:-1], seal(keys[refs[i]], refs[i], ids[i], ident))
+            _bulk_insert(session, "consent_events", EVENT_COLS, rows, False)
+            _upsert_state(session, batch.state, False)
         self.events_empty = False
         if self.written_ids is not None:
-            if len(self.written_ids) + len(new) > _REMEMBER_IDS:
+            if len(self.written_ids) + len(ids) > _REMEMBER_IDS:
                 self.written_ids = None  # from here on every id is checked in the database
             else:
-                self.written_ids.update(p.event.event_id for p in new)
-        actions = Counter(p.event.action for p in new)
+                self.written_ids.update(ids)
         payload: dict[str, Any] = {
             "source": source,
-            "batch_id": batch_id,
-            "count": len(new),
-            "actions": dict(sorted(actions.items())),
+            "batch_id": batch.batch_id,
+            "count": len(ids),
+            "actions": batch.actions,
             # sha256 over the batch's event content hashes in event-id order (recomputable).
-            "digest": hashlib.sha256("".join(sorted_hashes(new)).encode()).hexdigest(),
+            "digest": batch.digest,
         }
-        if len(new) == 1:
+        if batch.single is not None:
             payload.update(
-                event_id=new[0].event.event_id, subject_ref=new[0].ref, purpose=new[0].event.purpose,
-                action=new[0].event.action, content_hash=new[0].content_hash,
+                event_id=ids[0], subject_ref=refs[0], purpose=batch.single[0], action=batch.single[1],
+                content_hash=batch.hashes[0],
             )
         self.store.audit.append("consent.events", payload, session=session)
-        withdrawals = [
-            (p.event.subject, p.event.purpose, p.event.recipient) for p in new if p.event.action in NEGATIVE_ACTIONS
-        ]
-        return len(new), duplicates, [p.event.event_id for p in new], withdrawals
+        return len(ids), batch.duplicates, ids, batch.withdrawals
+
+    def _drop_recorded(self, batch: Batch, chunk: tuple[Any, ...], found: Mapping[str, tuple[str, dt.datetime]]) -> Batch:
+        """`batch` without the events `found` already recorded (id -> content hash, received_at);
+        raises Conflict for one recorded with other content. An event sent without received_at
+        is compared as if sent with the stored one (a retry). Re-prepares the chunk in-process:
+        only re-imports that overlap what is stored come here."""
+        pos = {event_id: i for i, event_id in enumerate(batch.ids)}
+        retry = {i: r for i, (h, r) in found.items() if batch.hashes[pos[i]] != h and i in batch.no_received}
+        again = self.preparer.prepare(chunk, received=retry) if retry else batch
+        again_pos = pos if again is batch else {event_id: i for i, event_id in enumerate(again.ids)}
+        for event_id, (digest, _received) in found.items():
+            i = again_pos[event_id]
+            if again.hashes[i] != digest:
+                label = again.label(i)
+                raise Conflict(
+                    f"{label}.event_id: event id {event_id!r} is already recorded with different "
+                    "content; event ids must be unique",
+                    field=f"{label}.event_id",
+                )
+        if len(found) == len(batch.ids):
+            batch.duplicates += len(found)
+            batch.ids, batch.refs, batch.hashes = [], [], []
+            return batch
+        return self.preparer.prepare(chunk, exclude=set(found))
 
     def _load_subject_keys(self, refs: set[str]) -> None:
         missing = sorted(r for r in refs if r not in self.subject_keys)
@@ -1376,21 +1203,6 @@ class _IngestContext:
                 fresh.append((ref, wrapped, self.ts(self.now)))
         if fresh:
             _bulk_insert(self.session, "consent_subject_keys", ("subject_ref", "wrapped_key", "created_at"), fresh, self.pg)
-
-
-def sorted_hashes(items: Sequence[_Prepared]) -> list[str]:
-    return [p.content_hash for p in sorted(items, key=lambda p: p.event.event_id)]
-
-
-def batch_digest(content_hashes_in_event_id_order: Iterable[str]) -> str:
-    """The `digest` of a `consent.events` audit entry, recomputed from stored events."""
-    return hashlib.sha256("".join(content_hashes_in_event_id_order).encode()).hexdigest()
-
-
-_EVENT_COLS = (
-    "event_id", "subject_ref", "purpose", "recipient", "action", "legal_basis", "channel", "notice_version",
-    "valid_from", "valid_until", "actor", "received_at", "identifier_ct", "content_hash", "batch_id",
-)
 
 
 def _sqlite_ts(v: dt.datetime | None) -> str | None:
@@ -1431,6 +1243,19 @@ def _existing_events(session: Session, ids: list[str], pg: bool) -> list[tuple[s
         cur.close()
 
 
+def _event_chunks(labelled: Iterable[tuple[str, ConsentEventIn]]) -> Iterator[tuple[Any, ...]]:
+    return (("events", chunk) for chunk in _chunks(labelled, _IMPORT_CHUNK))
+
+
+def _copy_text(session: Session, table: str, cols: Sequence[str], data: str) -> None:
+    """PostgreSQL COPY of rows already in COPY text form, inside the session's transaction."""
+    if not data:
+        return
+    with _raw(session).cursor() as cur:
+        with cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy:
+            copy.write(data)
+
+
 def _bulk_insert(session: Session, table: str, cols: Sequence[str], rows: list[tuple[Any, ...]], pg: bool) -> None:
     if not rows:
         return
@@ -1449,10 +1274,7 @@ def _copy_rows(session: Session, table: str, cols: Sequence[str], rows: list[tup
                 copy.write_row(r)
 
 
-_STATE_COLS = [
-    "purpose", "recipient", "subject_ref", "action", "event_id", "notice_version",
-    "valid_from_us", "valid_until_us", "order_key",
-]
+_STATE_COLS = list(STATE_COLS)
 _STATE_SET = ", ".join(f"{c} = excluded.{c}" for c in _STATE_COLS[3:])
 
 
@@ -1624,20 +1446,6 @@ def _validate(model: Any, value: Any, label: str) -> Any:
         return model.model_validate(value)
     except PydanticValidationError as exc:
         raise pydantic_error(exc, label) from None
-
-
-def pydantic_error(exc: PydanticValidationError, label: str) -> ValidationError:
-    """A ValidationError naming each bad field as `label.field`."""
-    problems = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        msg = str(err.get("msg", ""))
-        if not loc and msg.startswith("Value error, ") and ": " in msg:
-            # A model-level check names its field at the start of the message.
-            loc, msg = msg[len("Value error, "):].split(": ", 1)
-        problems.append({"field": f"{label}.{loc}" if loc else label, "message": msg})
-    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-    return ValidationError(summary, field=problems[0]["field"] if problems else label, problems=problems)
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
