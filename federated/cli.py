@@ -38,6 +38,9 @@ def local(
     tol: float = typer.Option(1e-4, "--tol", help="Early stopping: minimum loss change per epoch"),
     k_min: int = typer.Option(50, "--k-min", help="Minimum rows per batch and in total"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes per party (default: all cores)"),
+    precompute: bool = typer.Option(False, "--precompute-obfuscators",
+                                    help="Parties compute their r^n for the arbiter key before training starts, as "
+                                         "nodes with an idle-time stock do; both phases are timed"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
 ) -> None:
     """Run guest, host(s) and arbiter as separate local processes with the real protocol and
@@ -49,7 +52,7 @@ def local(
         cfg = TrainConfig(key_bits=key_bits, batch_size=batch_size, max_epochs=max_epochs, loss=loss,
                           learning_rate=learning_rate, l2=l2, tol=tol, k_min=k_min, seed=seed)
         report = run_local(guest, host, id_col=id_col, label=label, test_fraction=test_fraction, seed=seed,
-                           config=cfg, workers=workers)
+                           config=cfg, workers=workers, precompute=precompute)
     except ConfideError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc.message}")
         raise SystemExit(exc.exit_code) from exc
@@ -72,3 +75,6 @@ def local(
         f"{report['epochs']} epochs ({report['stop_reason']}), {report['seconds_per_epoch']:.2f} s/epoch, "
         f"setup {report['setup_seconds']:.1f} s, wall {report['wall_seconds']:.1f} s"
     )
+    if precompute:
+        Console().print(f"obfuscators precomputed in {report['precompute_seconds']:.1f} s (guest), then "
+                        f"{report['wall_after_precompute_seconds']:.1f} s to the trained model")

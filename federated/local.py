@@ -159,12 +159,13 @@ def _sigterm(*_: Any) -> None:
     raise SystemExit(143)  # run the finally blocks: shut the worker pool down
 
 
-def _party_main(kind: str, name: str, spec: dict[str, Any], conns: dict[str, Connection], result: Connection) -> None:
+def _party_main(kind: str, name: str, spec: dict[str, Any], conns: dict[str, Connection], result: Connection,
+                ready: Any = None) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
     wire = None
     try:
         wire = _Wire(conns)
-        out = _run_party(kind, name, spec, wire)
+        out = _run_party(kind, name, spec, wire, ready)
         result.send(("ok", out))
     except ConfideError as exc:
         result.send(("error", exc.code, exc.message))
@@ -175,7 +176,15 @@ def _party_main(kind: str, name: str, spec: dict[str, Any], conns: dict[str, Con
             wire.close()
 
 
-def _run_party(kind: str, name: str, spec: dict[str, Any], wire: _Wire) -> dict[str, Any]:
+def _precomputed(ready: Any) -> float:
+    """Wait until every party has its obfuscators (the idle time of a real node); returns when."""
+    if ready is not None:
+        ready.wait()
+    return time.time()
+
+
+def _run_party(kind: str, name: str, spec: dict[str, Any], wire: _Wire, ready: Any = None) -> dict[str, Any]:
+    from federated import paillier as pl
     from federated.executor import default_executor
 
     cfg = R.TrainConfig(**spec["config"])
@@ -185,7 +194,13 @@ def _run_party(kind: str, name: str, spec: dict[str, Any], wire: _Wire) -> dict[
     train_keys = [ids[i] for i in train]
     hosts: list[str] = spec["hosts"]
     if kind == "arbiter":
-        role: Any = R.ArbiterRole(name, spec["job_id"], cfg, guest=GUEST, hosts=hosts, rows=len(train))
+        key = spec.get("arbiter_key")
+        pair = None
+        if key is not None:  # made ahead, as the coordinator's per-agreement key (coordinator.arbiter_keys)
+            priv = pl.PrivateKey.from_dict(key)
+            pair = (priv.public, priv)
+        role: Any = R.ArbiterRole(name, spec["job_id"], cfg, guest=GUEST, hosts=hosts, rows=len(train), keypair=pair)
+        _precomputed(ready)
         wire.send(role.start())
         while True:
             msg = wire.recv()
@@ -205,6 +220,17 @@ def _run_party(kind: str, name: str, spec: dict[str, Any], wire: _Wire) -> dict[
             X, _, names = load_party_frame(Path(spec["path"]), spec["id"], ids, None)
             role = R.HostRole(name, spec["job_id"], cfg, X[train], join_keys=train_keys, guest=GUEST, hosts=hosts,
                               arbiter=ARBITER, executor=executor)
+        precompute_s, stocked = 0.0, 0
+        if spec.get("n") is not None:
+            # What a node's idle-time stock (party_node.obfuscator_stock) holds when the job
+            # starts: r^n for the arbiter key, computed on this party's pool before training.
+            t_pre = time.perf_counter()
+            pool = pl.ObfuscatorPool(pl.PublicKey(int(spec["n"])), executor)
+            stocked = role.setup_obfuscators(int(spec["n"]))
+            pool.fill(stocked)
+            role._ahead = pool
+            precompute_s = time.perf_counter() - t_pre
+        started_at = _precomputed(ready)
         t0 = time.perf_counter()
         wire.send(role.start())
         while not role.done:
@@ -218,7 +244,8 @@ def _run_party(kind: str, name: str, spec: dict[str, Any], wire: _Wire) -> dict[
         share = R.score_share(job_id=job, sender=name, request_id=EVAL_REQUEST, partial=R.host_partial(role.model(), X[test]),
                               mask_seeds=[role.mask_seed], role="host")
         wire.send([(ARBITER, share)])
-        return {"features": len(names), "bytes_sent": wire.bytes_sent, "timings": role.timings}
+        return {"features": len(names), "bytes_sent": wire.bytes_sent, "timings": role.timings,
+                "precompute_seconds": precompute_s, "stocked": stocked}
     seeds = [role.peer[h].mask_seed for h in hosts]
     share = R.score_share(job_id=job, sender=name, request_id=EVAL_REQUEST, partial=R.guest_partial(role.model(), X[test]),
                           mask_seeds=seeds, role="guest")
@@ -254,15 +281,22 @@ def _run_party(kind: str, name: str, spec: dict[str, Any], wire: _Wire) -> dict[
         "train_rows": int(len(train)), "test_rows": int(len(test)), "guest_features": len(names),
         "batches_per_epoch": len(role.batches), "guest_bytes_sent": wire.bytes_sent,
         "model": role.model(),
+        "precompute_seconds": precompute_s, "stocked": stocked, "started_at": started_at,
+        "encrypted": role.timings.get("encrypted", 0),
+        "obfuscators_from_stock": role.timings.get("obfuscators_from_stock", 0),
     }
 
 
 def run_local(guest: Path, hosts: Sequence[Path], *, id_col: str, label: str, test_fraction: float = 0.2,
               seed: int = 42, config: R.TrainConfig | None = None, workers: int | None = None,
-              timeout: float = 3600.0) -> dict[str, Any]:
+              timeout: float = 3600.0, precompute: bool = False) -> dict[str, Any]:
     """Train guest + hosts + arbiter as separate processes; returns the guest's report (held-out
     metrics of the federated and the guest-only model, timings). Raises the ConfideError a party
-    raised (ValidationError for bad input)."""
+    raised (ValidationError for bad input).
+
+    precompute: as with nodes that stock obfuscators while idle — the arbiter key is made first,
+    every party computes the `r^n` its setup needs, and training starts when all have them
+    (`precompute_seconds` and `wall_after_precompute_seconds` report the two phases)."""
     if not hosts:
         raise ValidationError("give at least one --host file")
     cfg = config or R.TrainConfig(seed=seed)
@@ -284,11 +318,20 @@ def run_local(guest: Path, hosts: Sequence[Path], *, id_col: str, label: str, te
     specs = {ARBITER: ("arbiter", {**common}), GUEST: ("guest", {**common, "path": str(guest), "label": label})}
     for hn, hp in zip(host_names, hosts):
         specs[hn] = ("host", {**common, "path": str(hp)})
+    ready = None
+    if precompute:
+        from federated import paillier as pl
+
+        _, priv = pl.generate_keypair(cfg.key_bits)
+        specs[ARBITER][1]["arbiter_key"] = priv.to_dict()
+        for n in names[1:]:
+            specs[n][1]["n"] = str(priv.public.n)
+        ready = ctx.Barrier(len(names))
     procs, results = [], {}
     for n in names:
         kind, spec = specs[n]
         r_recv, r_send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_party_main, args=(kind, n, spec, ends[n], r_send), name=f"confide-vfl-{n}")
+        p = ctx.Process(target=_party_main, args=(kind, n, spec, ends[n], r_send, ready), name=f"confide-vfl-{n}")
         p.start()
         r_send.close()
         procs.append((n, p, r_recv))
@@ -319,6 +362,9 @@ def run_local(guest: Path, hosts: Sequence[Path], *, id_col: str, label: str, te
                 p.terminate()
     report = results[GUEST]
     report["wall_seconds"] = time.perf_counter() - t0
+    if precompute:
+        report["wall_after_precompute_seconds"] = time.time() - report["started_at"]
+        report["host_precompute_seconds"] = [results[h]["precompute_seconds"] for h in host_names]
     report["hosts"] = len(hosts)
     report["arbiter_decrypted_values"] = results[ARBITER]["decrypted_values"]
     report["host_timings"] = [results[h]["timings"] for h in host_names]

@@ -367,6 +367,15 @@ class _Party:
         assert self.pub is not None
         return -(-self.X.shape[1] // pl.slots_per_cipher(self.pub, self.slot_bits))
 
+    def setup_obfuscators(self, n: int) -> int:
+        """How many `r^n` this party's setup uses under modulus `n`: what an idle-time stock
+        should hold for this job (rerandomizing takes a few more per batch as training goes)."""
+        cpr = -(-self.X.shape[1] // pl.slots_per_cipher(pl.PublicKey(int(n)), self.slot_bits))
+        return self.n * cpr + self._setup_extra(cpr)
+
+    def _setup_extra(self, cpr: int) -> int:
+        return 0
+
     @property
     def out_slots(self) -> int:
         """Slots this party decrypts per batch: one per feature (+1 for an irls host's loss term)."""
@@ -758,6 +767,9 @@ class GuestRole(_Party):
             self.anchor_loss = np.logaddexp(0.0, self.anchor) - self.y * self.anchor
             self.w = np.asarray(fit["w"], dtype=np.float64).copy()
 
+    def _setup_extra(self, cpr: int) -> int:
+        return self.n if self.irls else 0  # [[s_i]], one per row
+
     def _row_values(self) -> tuple[np.ndarray, int]:
         if self.irls:
             return self.X * self.s[:, None], IRLS_ROW_FRAC  # the hosts only ever need X_g^T S u_h
@@ -953,6 +965,10 @@ class HostRole(_Party):
         fresh = [pl.rerandomize(self.pub, c, self.pool) for c in self.sx]
         chunks = self._feature_messages(fresh)
         return [(h, c) for h in self.other_hosts for c in chunks]
+
+    def _setup_extra(self, cpr: int) -> int:
+        # irls with other hosts: its [[s_i x_i]] rows go to them rerandomized
+        return self.n * cpr if self.irls and self.other_hosts else 0
 
     def _weighted_rows(self) -> list[Any]:
         """[[s_i x_i]] per row and slot group: the guest's [[s_i]] raised to the packed features."""

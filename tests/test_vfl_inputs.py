@@ -197,3 +197,30 @@ def test_cli_trains_breast_subset_and_reports_json(tmp_path: Path) -> None:
         assert k in rep
     assert rep["key_bits"] == 2048 and rep["epochs"] == 3 and rep["matched_rows"] == 200
     assert rep["auc"] > 0.9 and rep["guest_only_auc"] > 0.9
+
+
+def test_precomputed_obfuscators_cover_the_setup_and_change_nothing_else(tmp_path: Path) -> None:
+    """`run_local(precompute=True)`: the arbiter key exists before the job (as the
+    coordinator's per-agreement key does), each party computes exactly the r^n its setup
+    needs, the setup then computes none, and the model is the one a cold run trains."""
+    from federated.local import run_local
+    from federated.roles import TrainConfig
+
+    g = pd.read_csv(DATA / "breast_hetero_guest.csv").head(160)
+    h = pd.read_csv(DATA / "breast_hetero_host.csv")
+    g.to_csv(tmp_path / "g.csv", index=False)
+    h.to_csv(tmp_path / "h.csv", index=False)
+    cfg = TrainConfig(key_bits=1024, allow_short_keys=True, batch_size=0, max_epochs=3, seed=7)
+    runs = {pre: run_local(tmp_path / "g.csv", [tmp_path / "h.csv"], id_col="id", label="y", seed=7, config=cfg,
+                           workers=1, precompute=pre) for pre in (False, True)}
+    cold, warm = runs[False], runs[True]
+    assert cold["obfuscators_from_stock"] == 0 and "precompute_seconds" in cold and cold["stocked"] == 0
+    # Guest (irls): one ciphertext per row group plus [[s_i]] per row, all from the stock.
+    assert warm["stocked"] == warm["encrypted"] == cold["encrypted"] > 128  # 128 training rows
+    assert warm["obfuscators_from_stock"] >= warm["encrypted"]
+    host = warm["host_timings"][0]
+    assert host["obfuscators_from_stock"] >= host["encrypted"] > 0
+    assert warm["precompute_seconds"] > 0 and 0 < warm["wall_after_precompute_seconds"] < warm["wall_seconds"]
+    assert warm["losses"] == pytest.approx(cold["losses"], abs=1e-12)
+    assert warm["model"]["weights"] == pytest.approx(cold["model"]["weights"], abs=1e-12)
+    assert warm["auc"] == cold["auc"]
