@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -100,7 +101,13 @@ def run(url: str, n_events: int, reimport: bool, profile: str | None = None) -> 
             prof = cProfile.Profile()
             prof.enable()
         t, c = time.perf_counter(), time.process_time()
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         res = import_file(store, path)
+        kids_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU of the import's worker processes (reaped when the import ends)
+        out["import_worker_cpu_s"] = round(
+            kids_after.ru_utime + kids_after.ru_stime - kids.ru_utime - kids.ru_stime, 2
+        )
         if prof is not None:
             prof.disable()
             prof.dump_stats(profile)

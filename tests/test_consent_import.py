@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import json
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from sqlalchemy import func, select
@@ -190,3 +191,210 @@ def test_repeats_across_chunks_of_a_first_import(tmp_path: Path, monkeypatch: py
         import_file(other, _write(tmp_path, rows + [{**rows[1], "channel": "app"}]))
     assert "imp-1" in exc.value.message and "line 14" in exc.value.message
     assert _snapshot(other) == ((), (), 0)
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+def _full_snapshot(s: ConsentStore) -> tuple[Any, ...]:
+    """Every stored column except the random ones (identifier ciphertexts, batch ids, wrapped
+    keys), plus the identifiers decrypted through access requests."""
+    with s.factory() as sess:
+        events = sess.execute(
+            select(
+                ConsentEvent.event_id, ConsentEvent.subject_ref, ConsentEvent.purpose, ConsentEvent.recipient,
+                ConsentEvent.action, ConsentEvent.legal_basis, ConsentEvent.channel, ConsentEvent.notice_version,
+                ConsentEvent.valid_from, ConsentEvent.valid_until, ConsentEvent.actor, ConsentEvent.received_at,
+                ConsentEvent.content_hash, ConsentEvent.identifier_ct.is_(None),
+            ).order_by(ConsentEvent.event_id)
+        ).all()
+        state = sess.execute(select(ConsentState).order_by(ConsentState.subject_ref, ConsentState.purpose)).scalars()
+        state_rows = [
+            (r.purpose, r.recipient, r.subject_ref, r.action, r.event_id, r.notice_version, r.valid_from_us,
+             r.valid_until_us, r.order_key)
+            for r in state
+        ]
+    idents = [[(e.event_id, e.identifier) for e in s.access(f"m{i}").events] for i in range(7)]
+    return tuple(events), tuple(state_rows), idents
+
+
+def _varied_rows(n: int) -> list[dict[str, Any]]:
+    """Rows exercising every field: offsets, naive and date-only times, defaults, escapes."""
+    rows = _rows(n)
+    for i, r in enumerate(rows):
+        if i % 4 == 1:
+            r["received_at"] = (T0 + dt.timedelta(hours=i)).astimezone(dt.timezone(dt.timedelta(hours=8))).isoformat()
+        if i % 6 == 2:
+            r["valid_from"] = (T0 + dt.timedelta(days=1)).date().isoformat()
+            r["valid_until"] = (T0 + dt.timedelta(days=30, seconds=0.25)).replace(tzinfo=None).isoformat()
+        if i % 9 == 3:
+            r["received_at"] = ""  # recorded at the store's clock
+        r["actor"] = ["", "agent\\7", "ops\tdesk"][i % 3]
+        r["legal_basis"] = ["", "consent", "contract"][i % 3]
+    return rows
+
+
+def _write_full(tmp_path: Path, rows: list[dict[str, Any]], name: str = "bad.csv") -> Path:
+    import csv
+
+    cols = [*COLUMNS, "legal_basis", "actor"]
+    path = tmp_path / name
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in cols})
+    return path
+
+
+def _clocked_store(url: str) -> ConsentStore:
+    s = _store(url)
+    s.clock = lambda: T0 + dt.timedelta(days=3)
+    return s
+
+
+@pytest.fixture
+def second_url(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Another empty database on the same backend as `db_url`."""
+    if db_url.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path / 'second.db'}"
+        return
+    from sqlalchemy import create_engine, text
+
+    admin_url = request.getfixturevalue("pg_admin_url")
+    name = f"confide_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_worker_processes_store_the_same_rows_as_in_process(
+    db_url: str, second_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """A multi-chunk import prepared by worker processes stores exactly what the same import
+    prepared in-process stores, column for column (and re-importing records nothing)."""
+    from consent import store as store_mod
+
+    rows = _varied_rows(60) + [_varied_rows(60)[10]]  # an identical repeat in a later chunk
+    if fmt == "csv":
+        path = _write_full(tmp_path, rows)
+    else:
+        path = tmp_path / "events.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(store_mod, "_IMPORT_CHUNK", 7)
+    monkeypatch.setattr(store_mod, "_IMPORT_WORKERS", 0)
+    local = _clocked_store(second_url)
+    res_local = import_file(local, path)
+    monkeypatch.setattr(store_mod, "_IMPORT_WORKERS", 2)
+    s = _clocked_store(db_url)
+    res = import_file(s, path)
+    assert (res.recorded, res.duplicates) == (res_local.recorded, res_local.duplicates) == (60, 1)
+    assert res.event_ids == res_local.event_ids
+    assert _full_snapshot(s) == _full_snapshot(local)
+    again = import_file(s, path)
+    assert (again.recorded, again.duplicates) == (0, 61)
+
+
+def test_bad_row_in_a_worker_chunk_fails_the_whole_import(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consent import store as store_mod
+
+    monkeypatch.setattr(store_mod, "_IMPORT_CHUNK", 4)
+    monkeypatch.setattr(store_mod, "_IMPORT_WORKERS", 2)
+    s = _store(db_url)
+    for change, field in BAD_CHANGES + [({"event_id": "bad id"}, "event_id"), ({"subject": "x" * 257}, "subject")]:
+        rows = _rows(40)
+        rows[33] = {**rows[33], **change}  # data line 35, in the ninth chunk
+        with pytest.raises(ValidationError) as exc:
+            import_file(s, _write(tmp_path, rows))
+        assert exc.value.details["field"] == f"bad.csv line 35.{field}", exc.value.message
+        assert _snapshot(s) == ((), (), 0), field
+    path = _write(tmp_path, _rows(40))
+    path.write_text(path.read_text().replace("imp-30,", "imp-30,extra,", 1))
+    with pytest.raises(ValidationError) as exc:
+        import_file(s, path)
+    assert exc.value.details["field"] == "line 32" and "expected 11 fields, found 12" in exc.value.message
+    assert _snapshot(s) == ((), (), 0)
+
+
+def test_fast_path_errors_are_pydantics(tmp_path: Path, db_url: str) -> None:
+    """A row the fast path refuses is judged by the model: the message is the model's own."""
+    from pydantic import ValidationError as PydanticValidationError
+
+    from consent.prepare import pydantic_error
+    from consent.schemas import ConsentEventIn
+
+    s = _store(db_url)
+    cases = [
+        {"event_id": "-starts-with-dash"}, {"event_id": "ok\n"}, {"subject": "s" * 257}, {"identifier": "i" * 257},
+        {"purpose": "p" * 129}, {"recipient": "r" * 65}, {"action": "Granted"}, {"channel": "fax"},
+        {"notice_version": "n" * 65}, {"received_at": "yesterday"}, {"valid_until": "2026-13-01"},
+    ]
+    for change in cases:
+        row = {**_rows(1)[0], **change}
+        with pytest.raises(ValidationError) as exc:
+            import_file(s, _write(tmp_path, [row]))
+        with pytest.raises(PydanticValidationError) as model_exc:
+            ConsentEventIn.model_validate({k: v for k, v in row.items() if v})
+        assert exc.value.message == pydantic_error(model_exc.value, "bad.csv line 2").message, change
+
+
+def test_fast_path_rules_match_the_model() -> None:
+    from consent import prepare
+    from consent.schemas import ConsentEventIn
+
+    props = ConsentEventIn.model_json_schema()["properties"]
+
+    def limit(name: str) -> int:
+        p = props[name]
+        return next((o["maxLength"] for o in p.get("anyOf", [p]) if "maxLength" in o))
+
+    assert set(prepare._FIELDS) == set(props)
+    assert {k: limit(k) for k in prepare._MAX_LEN} == prepare._MAX_LEN
+    assert set(props["action"]["enum"]) == prepare._ACTIONS
+    assert set(props["channel"]["enum"]) == prepare._CHANNELS
+    assert set(props["legal_basis"]["enum"]) == prepare._LEGAL_BASES
+    assert props["event_id"]["pattern"] == "^" + prepare._ID_OK.__self__.pattern + "$"
+
+
+def test_quoted_multiline_fields_keep_record_numbers(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quoted field may span lines: rows are numbered by CSV record, as before."""
+    from consent import store as store_mod
+
+    monkeypatch.setattr(store_mod, "_IMPORT_CHUNK", 3)
+    monkeypatch.setattr(store_mod, "_IMPORT_WORKERS", 2)
+    rows = _rows(12)
+    rows[1] = {**rows[1], "subject": "two\nlines"}
+    rows[4] = {**rows[4], "subject": "a, \"quoted\" one"}
+    rows[9] = {**rows[9], "action": "grant"}
+    s = _store(db_url)
+    with pytest.raises(ValidationError) as exc:
+        import_file(s, _write(tmp_path, rows))
+    assert exc.value.details["field"] == "bad.csv line 11.action"
+    rows[9] = _rows(12)[9]
+    assert import_file(s, _write(tmp_path, rows)).recorded == 12
+    assert [e.event_id for e in s.history("two\nlines")] == ["imp-1"]
+
+
+def test_reimport_overlapping_a_recorded_file(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file sharing some events with what is stored records only the new ones, and the
+    projection ends as if everything had been imported at once."""
+    from consent import store as store_mod
+
+    monkeypatch.setattr(store_mod, "_IMPORT_CHUNK", 5)
+    rows = _rows(30)
+    oracle = _store(f"sqlite:///{tmp_path / 'oracle.db'}")
+    import_file(oracle, _write(tmp_path, rows))
+    s = _store(db_url)
+    import_file(s, _write(tmp_path, rows[::2]))
+    res = import_file(s, _write(tmp_path, rows))
+    assert (res.recorded, res.duplicates) == (15, 15)
+    assert _snapshot(s) == _snapshot(oracle)
