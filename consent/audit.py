@@ -35,7 +35,16 @@ Commit policy
     after its leaf has committed. On PostgreSQL, where each commit waits for a WAL flush, this
     is what lets many callers together append thousands of entries per second; a lone caller
     is bounded by one flush per append, so bulk work should use `append_many` or append
-    inside its own transaction.
+    inside its own transaction. A round's leader waits up to a quarter of the last commit's
+    duration (at most 0.5 ms) for callers of the previous round to come back before it takes
+    its batch, never when the last round had one caller.
+
+    On PostgreSQL a round (and any own-transaction batch up to `_PG_FAST_MAX` leaves) is one
+    statement on the log's own autocommit connection, one round trip: it takes the advisory
+    lock, inserts the leaves at the cached next seq, and inserts nothing if the leaf before
+    them is missing; a seq taken meanwhile by another writer fails on the primary key. Either
+    way nothing is committed and the append falls back to the locked read of max(seq). The
+    server's `synchronous_commit` is left as configured (on): a returned append is flushed.
 
 Retention
     `AuditSettings.retention_days` (default 1096 days = 3 years, the minimum allowed). Pruning
