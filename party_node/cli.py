@@ -99,6 +99,26 @@ def datasets(config: Path = CONFIG, as_json: bool = typer.Option(False, "--json"
     out.print(table)
 
 
+@app.command("obfuscators")
+def obfuscators(config: Path = CONFIG, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The idle-time Paillier obfuscator stock: per training agreement's arbiter key, how many are ready."""
+    with node_client(config) as c:
+        st = c.get("/v1/admin/obfuscators")
+    if as_json:
+        _print(st, True)
+        return
+    if not st["capacity_per_key"]:
+        out.print("obfuscator stock is off (set obfuscator_stock / CONFIDE_NODE_OBFUSCATOR_STOCK)")
+        return
+    table = Table("agreement", "key", "bits", "ready", "computed", "expires")
+    for k in st["keys"]:
+        table.add_row(k["agreement_id"], k["key_id"][:8], str(k["key_bits"]), f"{k['ready']:,} / {st['capacity_per_key']:,}",
+                      f"{k['computed']:,}", str(k.get("expires_at") or ""))
+    out.print(table)
+    if st.get("last_error"):
+        out.print(f"[yellow]last error:[/yellow] {st['last_error']}")
+
+
 def _load_spec(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())

@@ -194,8 +194,11 @@ class Node:
             self.audit.append("agreement.signed", {"agreement_id": agreement_id, "version": version, "digest": digest},
                               session=s)
         with self.coordinator() as c:
-            return c.post(f"/v1/agreements/{agreement_id}/versions/{version}/signatures",
-                          {"digest": digest, "signature": sig})
+            signed = c.post(f"/v1/agreements/{agreement_id}/versions/{version}/signatures",
+                            {"digest": digest, "signature": sig})
+        if signed.get("status") == "active":
+            self.obfuscators.refresh_now()  # a new training agreement: stock its arbiter key
+        return signed
 
     def _check_own_datasets(self, me: ag.PartySpec) -> None:
         """Refuse to sign for datasets/columns this node does not hold."""

@@ -520,6 +520,8 @@ def test_nodes_precompute_obfuscators_for_the_agreements_arbiter_key_and_trainin
         fp = keys["brand"]["key_fingerprint"]
         assert keys["partner"]["key_fingerprint"] == fp
         assert {part["arbiter_key_fingerprint"] for part in cold_parts.values()} == {fp}
+        shown = confide("node", "obfuscators", "--config", str(net.config("partner")))
+        assert "vfl-2026" in shown.stdout and "1,500 / 1,500" in shown.stdout
 
         with net.client("brand") as c:
             warm = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": _params(w)})
