@@ -120,13 +120,9 @@ def _open_round(sess: Session, by: str) -> None:
 # -- snapshots of the arbiter (private key inside): sealed at rest ---------------------------
 
 def _snapshot_key(coord: Any) -> bytes:
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    from coordinator.arbiter_keys import derived_key
 
-    raw = coord.identity.signing_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                                   serialization.NoEncryption())
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=b"confide/arbiter-snapshot/v1").derive(raw)
+    return derived_key(coord, b"confide/arbiter-snapshot/v1")
 
 
 def seal_snapshot(coord: Any, job_id: str, epoch: int, snap: dict[str, Any]) -> bytes:

@@ -41,13 +41,19 @@ DEFAULT_MAX_AGE_S = 7 * 86_400.0
 _MAKE_LOCK = threading.Lock()  # one key generation at a time per coordinator process
 
 
-def _seal_key(coord: Any) -> bytes:
+def derived_key(coord: Any, info: bytes) -> bytes:
+    """A 256-bit key for sealing coordinator secrets at rest, derived (HKDF-SHA256) from the
+    coordinator's identity key; `info` separates the uses."""
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     raw = coord.identity.signing_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                                    serialization.NoEncryption())
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"confide/arbiter-key/v1").derive(raw)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(raw)
+
+
+def _seal_key(coord: Any) -> bytes:
+    return derived_key(coord, b"confide/arbiter-key/v1")
 
 
 def seal(coord: Any, key_id: str, priv: dict[str, str]) -> bytes:
