@@ -71,7 +71,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import Connection, func, insert, select, text, update
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -114,6 +114,12 @@ _PG_APPEND = (
     "SELECT v.* FROM lk CROSS JOIN unnest(%(seq)b::bigint[], %(kind)b::text[], %(at)b::text[], "
     "%(pj)b::text[], %(hash)b::bytea[]) AS v "
     "WHERE %(first)s = 0 OR EXISTS (SELECT 1 FROM audit_leaves WHERE seq = %(first)s - 1)"
+)
+# The same insert inside a transaction that already holds the lock and has read max(seq).
+_PG_INSERT = (
+    "INSERT INTO audit_leaves (seq, kind, at, payload_json, leaf_hash) "
+    "SELECT * FROM unnest(%(seq)b::bigint[], %(kind)b::text[], %(at)b::text[], %(pj)b::text[], "
+    "%(hash)b::bytea[])"
 )
 # Batches up to this size take the one-statement path; larger ones (bulk `append_many`) COPY.
 _PG_FAST_MAX = 2000
@@ -1038,10 +1044,10 @@ class AuditLog:
         SQLite, whose single writer plus the primary key turn a stale value into an
         IntegrityError, never a gap or a duplicate (PostgreSQL uses its cached value only in
         `_pg_append`, whose statement checks for the gap itself)."""
+        if self._is_pg:
+            return self._pg_insert(conn, items)
         if first is None or not self._is_sqlite:
-            if self._is_pg:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-            elif self._is_sqlite:
+            if self._is_sqlite:
                 # Take SQLite's write lock before reading max(seq): the driver only opens the
                 # transaction at the first write, so a plain read could be stale by the insert.
                 conn.exec_driver_sql("UPDATE audit_leaves SET seq = seq WHERE 0")
@@ -1053,16 +1059,42 @@ class AuditLog:
         if self._is_sqlite:
             # Plain DBAPI statement: compiling the Core insert costs more than the insert itself.
             conn.exec_driver_sql(_SQLITE_INSERT, rows if len(rows) > 1 else rows[0])
-        elif self._is_pg and len(rows) > 1:
-            # COPY inside this transaction: for batches far cheaper than INSERT on both sides.
-            raw = conn.connection.driver_connection
-            with raw.cursor() as cur:  # type: ignore[union-attr]
-                with cur.copy(f"COPY audit_leaves ({', '.join(_LEAF_COLS)}) FROM STDIN") as copy:
-                    for r in rows:
-                        copy.write_row(r)
-        else:
+        else:  # pragma: no cover - other databases are not supported targets
             conn.execute(insert(_LEAVES), [dict(zip(_LEAF_COLS, r)) for r in rows])
         return list(range(first, first + len(items)))
+
+    def _pg_insert(self, conn: Connection, items: list[tuple[str, str, str]]) -> list[int]:
+        """PostgreSQL append inside `conn`'s transaction (the caller's, or `_commit`'s slow
+        path): two round trips while the appenders' lock is held. The lock and the read of
+        max(seq) go out pipelined, yet as two statements, so the read's snapshot is taken
+        after the lock was granted and sees every append committed before; then the rows go
+        in one statement of binary arrays (COPY for large batches). Database errors are
+        raised as SQLAlchemy's DBAPIError subclasses, as from any other statement."""
+        import psycopg
+        from psycopg.types.numeric import Int8
+        from sqlalchemy.exc import DBAPIError
+
+        raw = conn.connection.driver_connection
+        try:
+            with raw.pipeline():  # type: ignore[union-attr]
+                raw.execute("SELECT pg_advisory_xact_lock(%s)", (Int8(_PG_LOCK_KEY),))  # type: ignore[union-attr]
+                cur = raw.execute("SELECT max(seq) FROM audit_leaves")  # type: ignore[union-attr]
+            last = cur.fetchone()[0]  # type: ignore[index]
+            first = 0 if last is None else int(last) + 1
+            seqs = list(range(first, first + len(items)))
+            hashes = [leaf_hash(leaf_bytes(seq, kind, at, pj)) for seq, (kind, at, pj) in zip(seqs, items)]
+            with raw.cursor() as cur:  # type: ignore[union-attr]
+                if len(items) <= _PG_FAST_MAX:
+                    cur.execute(_PG_INSERT, {"seq": seqs, "kind": [it[0] for it in items],
+                                             "at": [it[1] for it in items], "pj": [it[2] for it in items],
+                                             "hash": hashes})
+                else:  # COPY: for big batches cheaper than INSERT on both sides
+                    with cur.copy(f"COPY audit_leaves ({', '.join(_LEAF_COLS)}) FROM STDIN") as copy:
+                        for seq, (kind, at, pj), h in zip(seqs, items, hashes):
+                            copy.write_row((seq, kind, at, pj, h))
+        except psycopg.Error as exc:
+            raise DBAPIError.instance("audit append", None, exc, psycopg.Error) from exc
+        return seqs
 
     # -- reading ---------------------------------------------------------------------------------
     def size(self) -> int:
