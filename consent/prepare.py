@@ -25,6 +25,7 @@ import gc
 import hashlib
 import io
 import json
+import os
 import operator
 import re
 import uuid
@@ -32,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
@@ -161,11 +163,13 @@ def pydantic_error(exc: PydanticValidationError, label: str) -> ValidationError:
 
 @dataclass(frozen=True)
 class PrepSpec:
-    """Everything preparing needs, as plain picklable data. `pseudonym_key` is the derived
-    HMAC key of subject pseudonyms (not the node secret); it goes to worker processes on this
-    machine only and is never logged (repr=False)."""
+    """Everything preparing needs, as plain picklable data. `pseudonym_key` (HMAC key of subject
+    pseudonyms) and `wrap_key` (wraps subject keys) are derived from the node secret, not the
+    secret itself; they go to worker processes on this machine only and are never logged
+    (repr=False)."""
 
     pseudonym_key: bytes = field(repr=False)
+    wrap_key: bytes = field(repr=False)
     purposes: PurposeRegistry
     recipients: frozenset[str]
     notices: Mapping[str, NoticeTerms]
@@ -178,9 +182,10 @@ class PrepSpec:
 class Batch:
     """One prepared chunk: its distinct events in first-seen order, ready to write.
 
-    `rows` are event rows in EVENT_COLS order (SQLite: tuples whose last item holds the raw
-    identifier until it is encrypted; PostgreSQL: COPY text lines, complete for events without
-    an identifier and ending before identifier_ct for those in `idents`)."""
+    `rows` are event rows in EVENT_COLS order (SQLite: tuples; PostgreSQL: COPY text lines).
+    Identifiers are encrypted under a subject key made here for each subject of the chunk
+    (`new_keys`: ref -> (key, wrapped key)); the writer keeps it if the subject has no key
+    yet, and otherwise encrypts those rows again under the subject's key (`idents`)."""
 
     ids: list[str]
     hashes: list[str]
@@ -188,6 +193,7 @@ class Batch:
     rows: list[Any]
     state: list[Any]  # projection rows (tuples or COPY lines), one per key, latest event
     idents: list[tuple[int, str]]  # (index, raw identifier) of events with an identifier
+    new_keys: dict[str, tuple[bytes, bytes]] = field(repr=False)
     no_received: set[str]  # ids of events given without received_at
     withdrawals: list[tuple[str, str, str | None]]
     actions: dict[str, int]
@@ -239,6 +245,7 @@ class Preparer:
         self._times: dict[str, _Time] = {}
         self._now = time_info(spec.now)
         self._esc = _Escapes()
+        self._wrap = AESGCM(spec.wrap_key)
 
     def ref(self, value: str) -> str:
         inner = self._inner.copy()
@@ -401,6 +408,7 @@ class _Builder:
         self.rows: list[Any] = []
         self.state: dict[tuple[str, str, str], tuple[str, Any]] = {}
         self.idents: list[tuple[int, str]] = []
+        self.keys: dict[str, tuple[AESGCM, bytes, bytes]] = {}
         self.no_received: set[str] = set()
         self.withdrawals: list[tuple[str, str, str | None]] = []
         self.actions: list[str] = []
@@ -513,8 +521,11 @@ class _Builder:
             self.no_received.add(event_id)
         if action in NEGATIVE_ACTIONS:
             self.withdrawals.append((subject, purpose, recipient))
+        ct_hex = ""
         if identifier:
             self.idents.append((n, identifier))
+            ct = self.seal(ref, event_id, identifier)
+            ct_hex = ct.hex()
         okey = f"{max(rec[2], 0):020d}.{RANK[action]}.{event_id}"
         vu_us = None if vu is None else vu[2]
         k = (ref, purpose, recipient_)
@@ -527,7 +538,7 @@ class _Builder:
                 f"{_NULL if notice_version is None else esc[notice_version]}\t{vf[1]}\t{vu_text or _NULL}\t"
                 f"{esc[actor]}\t{rec[1]}\t{digest}\t{self.batch_id}\t"
             )
-            self.rows.append(line if identifier else line + _NULL_END)
+            self.rows.append(f"{line}\\\\x{ct_hex}\n" if identifier else line + _NULL_END)
             cur = self.state.get(k)
             if cur is None or okey > cur[0]:
                 self.state[k] = (okey, (
@@ -538,7 +549,7 @@ class _Builder:
         else:
             self.rows.append((
                 event_id, ref, purpose, recipient_, action, legal_basis, channel, notice_version,
-                vf[1], vu_text or None, actor, rec[1], digest, self.batch_id, identifier,
+                vf[1], vu_text or None, actor, rec[1], digest, self.batch_id, ct if identifier else None,
             ))
             cur = self.state.get(k)
             if cur is None or okey > cur[0]:
@@ -546,16 +557,33 @@ class _Builder:
                     purpose, recipient_, ref, action, event_id, notice_version, vf[2], vu_us, okey,
                 ))
 
+    def seal(self, ref: str, event_id: str, identifier: str) -> bytes:
+        """`identifier` encrypted under the chunk's key for subject `ref` (made on first use)."""
+        hit = self.keys.get(ref)
+        if hit is None:
+            rnd = os.urandom(44)
+            key, nonce = rnd[:32], rnd[32:]
+            hit = (AESGCM(key), key, nonce + self.prep._wrap.encrypt(nonce, key, ref.encode()))
+            self.keys[ref] = hit
+        return seal(hit[0], ref, event_id, identifier)
+
     def finish(self) -> Batch:
         single = self.first if len(self.ids) == 1 else None
         return Batch(
             ids=self.ids, hashes=self.hashes, refs=self.refs, rows=self.rows,
             state=[v for _, v in self.state.values()], idents=self.idents, no_received=self.no_received,
+            new_keys={ref: (key, wrapped) for ref, (_aes, key, wrapped) in self.keys.items()},
             withdrawals=self.withdrawals, actions=dict(sorted(Counter(self.actions).items())),
             digest=batch_digest(h for _, h in sorted(zip(self.ids, self.hashes))),
             batch_id=self.batch_id, duplicates=self.duplicates, label_keys=self.kept_keys,
             label_prefix=self.label_prefix, single=single,
         )
+
+
+def seal(aes: AESGCM, ref: str, event_id: str, identifier: str) -> bytes:
+    """The stored form of a raw identifier: nonce + AES-GCM, bound to subject and event."""
+    nonce = os.urandom(12)
+    return nonce + aes.encrypt(nonce, identifier.encode("utf-8"), f"{ref}|{event_id}".encode())
 
 
 # --------------------------------------------------------------------------- worker processes

@@ -72,6 +72,7 @@ from consent.prepare import (
     init_worker,
     pydantic_error,
     rebuild_error,
+    seal,
     work,
 )
 from consent.models import (
@@ -194,7 +195,8 @@ class _Keys:
         # Pseudonyms are its first 128 bits in hex (collision-free at any realistic scale).
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
-        self._wrap = AESGCM(_hkdf(bytes(secret), b"confide/consent/key-wrap/v1"))
+        self.wrap_key = _hkdf(bytes(secret), b"confide/consent/key-wrap/v1")  # for import workers too
+        self._wrap = AESGCM(self.wrap_key)
 
     def ref(self, value: str) -> str:
         inner = self._inner.copy()
@@ -214,18 +216,8 @@ class _Keys:
             out.append(o.hexdigest()[:32])
         return out
 
-    def new_subject_key(self, ref: str) -> tuple[AESGCM, bytes]:
-        key = AESGCM.generate_key(bit_length=256)
-        nonce = os.urandom(12)
-        return AESGCM(key), nonce + self._wrap.encrypt(nonce, key, ref.encode())
-
     def unwrap(self, ref: str, wrapped: bytes) -> AESGCM:
         return AESGCM(self._wrap.decrypt(wrapped[:12], wrapped[12:], ref.encode()))
-
-    @staticmethod
-    def seal(aes: AESGCM, ref: str, event_id: str, identifier: str) -> bytes:
-        nonce = os.urandom(12)
-        return nonce + aes.encrypt(nonce, identifier.encode("utf-8"), f"{ref}|{event_id}".encode())
 
     @staticmethod
     def open(aes: AESGCM, ref: str, event_id: str, sealed: bytes) -> str:
@@ -1045,7 +1037,9 @@ class _IngestContext:
         self.notices = {n.version: n for n in store._notices(session)}
         self.recipients = store.known_recipients(session)
         self.now = store._now()
-        self.subject_keys: dict[str, AESGCM] = {}
+        # Subject keys used by this import (AESGCM, or a key made by the preparer as raw bytes).
+        self.subject_keys: dict[str, AESGCM | bytes] = {}
+        self.keys_empty = session.scalar(select(SubjectKey.subject_ref).limit(1)) is None
         self.any_tombstones = session.scalar(select(func.count()).select_from(Tombstone)) != 0
         self.events_empty = session.scalar(select(ConsentEvent.event_id).limit(1)) is None
         # Into an empty event table, only ids this import already wrote can exist: they are
@@ -1054,7 +1048,7 @@ class _IngestContext:
         self.pg = session.get_bind().dialect.name == "postgresql"
         self.ts = _pg_ts if self.pg else _sqlite_ts
         self.spec = PrepSpec(
-            pseudonym_key=store._keys.pseudonym_key, purposes=store.purposes, recipients=frozenset(self.recipients),
+            pseudonym_key=store._keys.pseudonym_key, wrap_key=store._keys.wrap_key, purposes=store.purposes, recipients=frozenset(self.recipients),
             notices=self.notices, now=self.now, default_actor=default_actor, pg=self.pg,
         )
         self.preparer = Preparer(self.spec)
@@ -1127,16 +1121,12 @@ class _IngestContext:
                         field=f"{label}.subject",
                     )
         refs, ids, rows = batch.refs, batch.ids, batch.rows
-        self._load_subject_keys({refs[i] for i, _ in batch.idents})
-        seal, keys = self.store._keys.seal, self.subject_keys
+        if batch.idents:
+            self._settle_keys(batch)
         if self.pg:
-            for i, ident in batch.idents:
-                rows[i] += f"\\\\x{seal(keys[refs[i]], refs[i], ids[i], ident).hex()}\n"
             _copy_text(session, "consent_events", EVENT_COLS, "".join(rows))
             _copy_text(session, "consent_state_stage", _STATE_COLS, "".join(batch.state))
         else:
-            for i, ident in batch.idents:
-                rows[i] = (*rows[i][:-1], seal(keys[refs[i]], refs[i], ids[i], ident))
             _bulk_insert(session, "consent_events", EVENT_COLS, rows, False)
             _upsert_state(session, batch.state, False)
         self.events_empty = False
@@ -1185,24 +1175,53 @@ class _IngestContext:
             return batch
         return self.preparer.prepare(chunk, exclude=set(found))
 
-    def _load_subject_keys(self, refs: set[str]) -> None:
-        missing = sorted(r for r in refs if r not in self.subject_keys)
-        if not missing:
-            return
-        keys = self.store._keys
-        for chunk in _chunks(missing, _IN_CHUNK):
-            for ref, wrapped in self.session.execute(
-                select(SubjectKey.subject_ref, SubjectKey.wrapped_key).where(SubjectKey.subject_ref.in_(chunk))
-            ):
-                self.subject_keys[ref] = keys.unwrap(ref, wrapped)
+    def _settle_keys(self, batch: Batch) -> None:
+        """Give every subject of `batch` with an identifier one key: a subject with a stored key
+        (or one from an earlier chunk) keeps it and its rows are encrypted again under it; a
+        new subject keeps the key the preparer made, which is stored (wrapped) here."""
+        refs = batch.refs
+        unknown = {refs[i] for i, _ in batch.idents} - self.subject_keys.keys()
+        if unknown and not self.keys_empty:
+            for ref, wrapped in _stored_keys(self.session, sorted(unknown), self.pg):
+                self.subject_keys[ref] = self.store._keys.unwrap(ref, wrapped)
         fresh = []
-        for ref in missing:
-            if ref not in self.subject_keys:
-                aes, wrapped = keys.new_subject_key(ref)
-                self.subject_keys[ref] = aes
-                fresh.append((ref, wrapped, self.ts(self.now)))
+        adopted: set[str] = set()
+        created = self.ts(self.now)
+        for i, ident in batch.idents:
+            ref = refs[i]
+            if ref in adopted:
+                continue
+            key = self.subject_keys.get(ref)
+            if key is None:
+                key, wrapped = batch.new_keys[ref]
+                self.subject_keys[ref] = key
+                adopted.add(ref)
+                fresh.append((ref, wrapped, created))
+                continue
+            if isinstance(key, bytes):
+                key = self.subject_keys[ref] = AESGCM(key)
+            ct = seal(key, ref, batch.ids[i], ident)
+            row = batch.rows[i]
+            batch.rows[i] = f"{row[: row.rindex(chr(9)) + 1]}\\\\x{ct.hex()}\n" if self.pg else (*row[:-1], ct)
         if fresh:
             _bulk_insert(self.session, "consent_subject_keys", ("subject_ref", "wrapped_key", "created_at"), fresh, self.pg)
+
+
+def _stored_keys(session: Session, refs: list[str], pg: bool) -> list[tuple[str, bytes]]:
+    """(subject_ref, wrapped_key) of the stored subject keys among `refs`."""
+    out: list[tuple[str, bytes]] = []
+    cur = _raw(session).cursor()
+    try:
+        for chunk in _chunks(refs, _IN_CHUNK):
+            if pg:
+                cur.execute("SELECT subject_ref, wrapped_key FROM consent_subject_keys WHERE subject_ref = ANY(%s)", (chunk,))
+            else:
+                marks = ", ".join("?" * len(chunk))
+                cur.execute(f"SELECT subject_ref, wrapped_key FROM consent_subject_keys WHERE subject_ref IN ({marks})", chunk)
+            out.extend((r, bytes(w)) for r, w in cur.fetchall())
+    finally:
+        cur.close()
+    return out
 
 
 def _sqlite_ts(v: dt.datetime | None) -> str | None:

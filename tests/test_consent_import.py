@@ -398,3 +398,5 @@ def test_reimport_overlapping_a_recorded_file(db_url: str, tmp_path: Path, monke
     res = import_file(s, _write(tmp_path, rows))
     assert (res.recorded, res.duplicates) == (15, 15)
     assert _snapshot(s) == _snapshot(oracle)
+    # identifiers of the second import were encrypted under the subjects' stored keys
+    assert _full_snapshot(s)[2] == _full_snapshot(oracle)[2]
