@@ -115,11 +115,20 @@ _PG_APPEND = (
     "%(pj)b::text[], %(hash)b::bytea[]) AS v "
     "WHERE %(first)s = 0 OR EXISTS (SELECT 1 FROM audit_leaves WHERE seq = %(first)s - 1)"
 )
-# The same insert inside a transaction that already holds the lock and has read max(seq).
-_PG_INSERT = (
+# Append inside a transaction that already holds the lock: seqs from max(seq) read by this very
+# statement (its snapshot is taken after the lock was granted, as the lock was an earlier
+# statement) and leaf hashes computed by the server from `head` (the leaf's canonical JSON up
+# to the seq) so the lock and this go out pipelined, in one round trip. The caller checks every
+# returned hash against its own `leaf_hash(leaf_bytes(...))` and rewrites any that differ
+# (e.g. a database whose encoding is not UTF-8), so what is stored is always the Python hash.
+_PG_INSERT_NEXT = (
     "INSERT INTO audit_leaves (seq, kind, at, payload_json, leaf_hash) "
-    "SELECT * FROM unnest(%(seq)b::bigint[], %(kind)b::text[], %(at)b::text[], %(pj)b::text[], "
-    "%(hash)b::bytea[])"
+    "SELECT m.n + v.i - 1, v.kind, v.at, v.pj, sha256('\\x00'::bytea || convert_to("
+    "v.head || v.pj || ',\"seq\":' || (m.n + v.i - 1)::text || '}', 'UTF8')) "
+    "FROM (SELECT coalesce(max(seq) + 1, 0) AS n FROM audit_leaves) AS m, "
+    "unnest(%(kind)b::text[], %(at)b::text[], %(pj)b::text[], %(head)b::text[]) "
+    "WITH ORDINALITY AS v(kind, at, pj, head, i) "
+    "RETURNING seq, leaf_hash"
 )
 # Batches up to this size take the one-statement path; larger ones (bulk `append_many`) COPY.
 _PG_FAST_MAX = 2000
@@ -1076,6 +1085,8 @@ class AuditLog:
 
         raw = conn.connection.driver_connection
         try:
+            if len(items) <= _PG_FAST_MAX:
+                return self._pg_insert_next(raw, items)
             with raw.pipeline():  # type: ignore[union-attr]
                 raw.execute("SELECT pg_advisory_xact_lock(%s)", (Int8(_PG_LOCK_KEY),))  # type: ignore[union-attr]
                 cur = raw.execute("SELECT max(seq) FROM audit_leaves")  # type: ignore[union-attr]
@@ -1084,17 +1095,38 @@ class AuditLog:
             seqs = list(range(first, first + len(items)))
             hashes = [leaf_hash(leaf_bytes(seq, kind, at, pj)) for seq, (kind, at, pj) in zip(seqs, items)]
             with raw.cursor() as cur:  # type: ignore[union-attr]
-                if len(items) <= _PG_FAST_MAX:
-                    cur.execute(_PG_INSERT, {"seq": seqs, "kind": [it[0] for it in items],
-                                             "at": [it[1] for it in items], "pj": [it[2] for it in items],
-                                             "hash": hashes})
-                else:  # COPY: for big batches cheaper than INSERT on both sides
-                    with cur.copy(f"COPY audit_leaves ({', '.join(_LEAF_COLS)}) FROM STDIN") as copy:
-                        for seq, (kind, at, pj), h in zip(seqs, items, hashes):
-                            copy.write_row((seq, kind, at, pj, h))
+                # COPY: for big batches cheaper than INSERT on both sides
+                with cur.copy(f"COPY audit_leaves ({', '.join(_LEAF_COLS)}) FROM STDIN") as copy:
+                    for seq, (kind, at, pj), h in zip(seqs, items, hashes):
+                        copy.write_row((seq, kind, at, pj, h))
         except psycopg.Error as exc:
             raise DBAPIError.instance("audit append", None, exc, psycopg.Error) from exc
         return seqs
+
+    @staticmethod
+    def _pg_insert_next(raw: Any, items: list[tuple[str, str, str]]) -> list[int]:
+        """Lock and insert (`_PG_INSERT_NEXT`) pipelined: one round trip under the lock."""
+        from psycopg.types.numeric import Int8
+
+        heads = [(b'{"at":' + _json_str(at) + b',"kind":' + _json_str(kind) + b',"payload":').decode()
+                 for kind, at, _pj in items]
+        with raw.pipeline():
+            raw.execute("SELECT pg_advisory_xact_lock(%s)", (Int8(_PG_LOCK_KEY),))
+            cur = raw.execute(_PG_INSERT_NEXT, {"kind": [it[0] for it in items], "at": [it[1] for it in items],
+                                                "pj": [it[2] for it in items], "head": heads})
+        got = sorted((int(seq), bytes(h)) for seq, h in cur.fetchall())
+        first = got[0][0]
+        if len(got) != len(items) or got[-1][0] != first + len(items) - 1:  # pragma: no cover - defensive
+            raise Conflict(f"audit append stored {len(got)} leaves for {len(items)}")
+        fix = []
+        for (seq, stored), (kind, at, pj) in zip(got, items):
+            h = leaf_hash(leaf_bytes(seq, kind, at, pj))
+            if h != stored:
+                fix.append((h, seq))
+        if fix:
+            with raw.cursor() as c2:
+                c2.executemany("UPDATE audit_leaves SET leaf_hash = %s WHERE seq = %s", fix)
+        return list(range(first, first + len(items)))
 
     # -- reading ---------------------------------------------------------------------------------
     def size(self) -> int:

@@ -302,3 +302,26 @@ def test_pg_server_error_falls_back_to_the_sqlalchemy_path(pg_engine: Engine) ->
         conn.execute(text("ALTER TABLE audit_leaves_gone RENAME TO audit_leaves"))
     assert log.append("job.step", {"i": 3}) == 2
     log.close()
+
+
+def test_pg_appends_inside_a_transaction_store_the_python_leaf_hash(
+    pg_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consent import audit
+
+    log = AuditLog(pg_engine, None, "brand")
+    # Non-ASCII payload text: the server's hash of the leaf must equal the Python one.
+    with session_scope(session_factory(pg_engine)) as s:
+        assert log.append("consent.granted", {"purpose_label": "营销 – ünïcode", "i": 0}, session=s) == 0
+        assert log.append_many([("job.step", {"i": i}) for i in (1, 2)], session=s) == [1, 2]
+    assert verify_log(log, [], "00" * 32).ok
+    # Were the server's hash ever different (another encoding), the Python hash is stored.
+    monkeypatch.setattr(audit, "_PG_INSERT_NEXT", audit._PG_INSERT_NEXT.replace("'\\x00'", "'\\x01'"))
+    assert "'\\x01'" in audit._PG_INSERT_NEXT
+    with session_scope(session_factory(pg_engine)) as s:
+        assert log.append("job.step", {"i": 3}, session=s) == 3
+    assert log.append_many([("job.step", {"i": i}) for i in (4, 5)]) == [4, 5]  # own transaction, slow path
+    report = verify_log(log, [], "00" * 32)
+    assert report.ok, report.summary()
+    assert [p["i"] for p in _payloads(log)] == list(range(6))
+    log.close()
