@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from confide import PROTOCOL_VERSION, __version__
 from confide.auth import Peer, RequestVerifier
 from confide.errors import AuthenticationError, ConfideError, PermissionDenied
+from confide.serve import TLS_CLIENT_NAME
 
 log = logging.getLogger("confide.web")
 
@@ -113,7 +114,16 @@ async def authenticate(request: Request, verifier: RequestVerifier, **kw: Any) -
     qs = request.scope.get("query_string", b"")
     if qs:
         path += "?" + qs.decode()
-    return verifier.verify(request.method, path, request.headers, body, **kw)
+    peer = verifier.verify(request.method, path, request.headers, body, **kw)
+    # Under mutual TLS (confide.serve): the signer must be the party whose certificate opened
+    # the connection, not merely some known identity.
+    tls_name = request.scope.get(TLS_CLIENT_NAME)
+    if tls_name is not None and tls_name != peer.name:
+        raise AuthenticationError(
+            f"request signed as {peer.name!r} over a TLS connection authenticated as {tls_name!r}",
+            sender=peer.name,
+        )
+    return peer
 
 
 def require(*roles: str) -> Callable[[Request], Awaitable[Peer]]:

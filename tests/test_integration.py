@@ -268,6 +268,30 @@ def test_client_checks_the_server_is_the_peer_it_meant(net: LocalNet) -> None:
             c.get("/health")
 
 
+def test_a_request_must_be_signed_by_the_party_whose_certificate_opened_the_connection(net: LocalNet, active: dict) -> None:
+    """Binding of TLS identity and signer: the partner's TLS certificate and key together with
+    the brand's identity key (a stolen signing key) is refused at the coordinator and at a node;
+    each party's own pair is accepted over the same kind of connection."""
+    import dataclasses
+
+    from confide.transport import ServiceClient
+
+    partner = pki.load_identity(net.pki_dir / "partner")
+    brand = pki.load_identity(net.pki_dir / "brand")
+    # TLS as the partner (its directory holds cert.pem and tls.key), signatures as the brand.
+    thief = dataclasses.replace(partner, name="brand", signing_key=brand.signing_key)
+    with ServiceClient(thief, "coordinator", net.services["coordinator"].url) as c:
+        with pytest.raises(AuthenticationError, match="signed as 'brand' over a TLS connection authenticated as 'partner'"):
+            c.get("/v1/agreements")
+    with ServiceClient(thief, "brand", net.services["brand"].url) as c:  # the node's operator API
+        with pytest.raises(AuthenticationError, match="authenticated as 'partner'"):
+            c.get("/v1/admin/steps")
+    with ServiceClient(brand, "coordinator", net.services["coordinator"].url) as c:
+        assert isinstance(c.get("/v1/agreements"), list)
+    with ServiceClient(partner, "coordinator", net.services["coordinator"].url) as c:
+        assert isinstance(c.get("/v1/agreements"), list)
+
+
 def test_signing_checks_reviewed_digest_and_held_datasets(net: LocalNet, active: dict) -> None:
     from confide.errors import ValidationError
 
