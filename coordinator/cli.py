@@ -32,3 +32,39 @@ def serve(
     )
     identity = pki.load_identity(settings.pki_dir)
     run(create_app(settings, identity=identity), settings, identity)
+
+
+@app.command("approve-rekey")
+def approve_rekey(
+    name: str = typer.Argument(..., help="The party whose keys change"),
+    fingerprint: str = typer.Option(..., "--fingerprint", help="SHA-256 fingerprint of its new certificate"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file"),
+    database_url: Optional[str] = typer.Option(None, "--database-url"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    pki_dir: Optional[Path] = typer.Option(None, "--pki-dir", help="The coordinator's PKI directory"),
+) -> None:
+    """Let a registered party re-register once with a certificate carrying new keys.
+
+    Keys are pinned at a party's first registration; a certificate with other keys (a rotation,
+    or a replacement after a leak) is accepted only after the coordinator's operator has checked
+    its fingerprint out of band with the party and approved it here."""
+    from rich.console import Console
+
+    from confide.db import make_engine, session_factory, session_scope
+    from confide.errors import ConfideError
+    from confide.settings import CoordinatorSettings, load_settings
+    from coordinator import service
+    from coordinator.storage import ensure_schema
+
+    try:
+        settings = load_settings(CoordinatorSettings, config, database_url=database_url, data_dir=data_dir,
+                                 pki_dir=pki_dir)
+        engine = make_engine(settings.resolved_database_url("coordinator.db"))
+        ensure_schema(engine)
+        with session_scope(session_factory(engine)) as s:
+            service.approve_rekey(s, name, fingerprint.strip().lower().replace(":", ""))
+        engine.dispose()
+    except ConfideError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc.message}")
+        raise SystemExit(exc.exit_code) from exc
+    Console().print(f"{name} may now register once with certificate {fingerprint.strip().lower().replace(':', '')}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import datetime as dt
 import uuid
 from typing import Any
@@ -43,12 +45,38 @@ def register_party(session: Session, ca_pem: bytes, info: pki.CertInfo, endpoint
         session.add(party)
         record(session, "party.registered", info.name, role=info.role, endpoint=endpoint, fingerprint=info.fingerprint)
     else:
+        rekey = party.identity_key != fields["identity_key"] or party.box_key != fields["box_key"]
+        if rekey and party.rekey_fingerprint != info.fingerprint:
+            # Keys are pinned at first registration: any CA-valid certificate for the name (an
+            # old one, or one minted by whoever holds the CA key) must not silently replace them.
+            raise Conflict(
+                f"party {info.name!r} is registered with other keys (certificate {party.fingerprint[:16]}...); "
+                f"replacing them needs the coordinator operator's approval: "
+                f"confide coordinator approve-rekey {info.name} --fingerprint {info.fingerprint}"
+            )
         changed = {k: v for k, v in fields.items() if getattr(party, k) != v}
         for k, v in changed.items():
             setattr(party, k, v)
         party.updated_at = utcnow()
-        if changed:
+        if rekey:
+            party.rekey_fingerprint = None
+            record(session, "party.rekeyed", info.name, fingerprint=info.fingerprint)
+        elif changed:
             record(session, "party.updated", info.name, fields=sorted(changed))
+    session.flush()
+    return party
+
+
+def approve_rekey(session: Session, name: str, fingerprint: str, operator: str = "coordinator-operator") -> Party:
+    """Let `name` re-register once with the certificate of this SHA-256 fingerprint and new keys."""
+    if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+        raise ValidationError("fingerprint: the certificate's SHA-256 fingerprint, 64 lowercase hex digits",
+                              field="fingerprint")
+    party = get_party(session, name)
+    if party.fingerprint == fingerprint:
+        raise Conflict(f"party {name!r} is already registered with that certificate")
+    party.rekey_fingerprint = fingerprint
+    record(session, "party.rekey_approved", operator, party=name, fingerprint=fingerprint)
     session.flush()
     return party
 

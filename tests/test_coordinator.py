@@ -223,3 +223,71 @@ def test_oversized_body_is_refused(pki_dir: Path, tmp_path: Path) -> None:
     with TestClient(app) as tc:
         r = tc.post("/v1/agreements", content=b"x" * 5000)
         assert r.status_code == 413 and "too large" in r.json()["message"]
+
+
+def test_keys_are_pinned_at_registration_and_change_only_with_the_operators_approval(  # type: ignore[no-untyped-def]
+        coord, pki_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from coordinator import service
+    from confide.db import session_scope
+
+    first = register(coord, pki_dir, "brand")
+    assert register(coord, pki_dir, "brand")["identity_key"] == first["identity_key"]  # same keys: fine
+    # A new certificate for "brand" with fresh keys, from the same CA (a rotation — or a CA-key
+    # holder minting one): refused until the coordinator's operator approves its fingerprint.
+    other = tmp_path / "other"
+    shutil.copytree(pki_dir / "ca", other / "ca")
+    pki.issue(other, "brand", "brand")
+    new = pki.load_identity(other / "brand")
+    fp = pki.verify_certificate(new.cert_pem, new.ca_pem).fingerprint
+    body = {"name": "brand", "role": "brand", "endpoint": "https://brand.example:8401", "cert_pem": new.cert_pem.decode()}
+    app, tc = coord
+    new_client = inprocess_client(app, tc, other, "brand", "coordinator")
+    with pytest.raises(Conflict, match=f"approval: confide coordinator approve-rekey brand --fingerprint {fp}"):
+        new_client.post("/v1/parties", body)
+    assert client(coord, pki_dir, "brand").get("/v1/parties")[0]["identity_key"] == first["identity_key"]
+    factory = app.state.coordinator.factory
+    with session_scope(factory) as s:
+        with pytest.raises(ValidationError, match="64 lowercase hex"):
+            service.approve_rekey(s, "brand", "abc")
+        with pytest.raises(NotFound):
+            service.approve_rekey(s, "nobody", fp)
+        service.approve_rekey(s, "brand", fp)
+    rekeyed = new_client.post("/v1/parties", body)
+    assert rekeyed["identity_key"] == new.public_key.public_bytes_raw().hex() != first["identity_key"]
+    # The old key no longer authenticates; the approval was for one registration only.
+    with pytest.raises(AuthenticationError):
+        client(coord, pki_dir, "brand").get("/v1/parties")
+    with pytest.raises(Conflict, match="approve-rekey"):
+        client(coord, pki_dir, "brand").post("/v1/parties", {**body, "cert_pem": pki.load_identity(pki_dir / "brand").cert_pem.decode()})
+
+
+def test_approve_rekey_cli(pki_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from sqlalchemy import create_engine, text
+
+    settings = CoordinatorSettings(pki_dir=pki_dir / "coordinator", data_dir=tmp_path, tls=False)
+    app = create_app(settings, run_orchestrator=False)
+    with TestClient(app) as tc:
+        register((app, tc), pki_dir, "partner")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "confide", "coordinator", "approve-rekey", *args,
+                               "--data-dir", str(tmp_path), "--pki-dir", str(pki_dir / "coordinator")],
+                              capture_output=True, text=True, timeout=120)
+
+    bad = cli("partner", "--fingerprint", "not-hex")
+    assert bad.returncode == 2 and "64 lowercase hex" in bad.stderr
+    missing = cli("partner9", "--fingerprint", "ab" * 32)
+    assert missing.returncode != 0 and "partner9" in missing.stderr
+    ok = cli("partner", "--fingerprint", "AB:" * 31 + "AB")
+    assert ok.returncode == 0, ok.stderr
+    eng = create_engine(f"sqlite:///{tmp_path / 'coordinator.db'}")
+    with eng.connect() as conn:
+        row = conn.execute(text("select rekey_fingerprint from parties where name = 'partner'")).one()
+        kinds = [r[0] for r in conn.execute(text("select kind from events"))]
+    eng.dispose()
+    assert row[0] == "ab" * 32 and "party.rekey_approved" in kinds

@@ -38,6 +38,10 @@ class Party(CoordinatorBase):
     fingerprint: Mapped[str] = mapped_column(String(64))
     registered_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    rekey_fingerprint: Mapped[str | None] = mapped_column(
+        String(64), default=None,
+        doc="a certificate with other keys that the coordinator's operator approved for this party (used once)",
+    )
 
 
 class AgreementVersion(CoordinatorBase):
