@@ -71,6 +71,11 @@ class NodeSettings(ServiceSettings):
         default=86_400.0, gt=0,
         description="Refuse a job whose requester's mandate is older than this when the node first sees it",
     )
+    registry_refresh_s: float = Field(
+        default=60.0, ge=0,
+        description="How often the node refreshes peers' certificates from the coordinator (0 = only on demand); "
+                    "a revoked party is dropped at the next refresh",
+    )
     obfuscator_stock: int = Field(
         default=0, ge=0, le=10_000_000,
         description="Paillier obfuscators to compute ahead, while idle, per arbiter key of this node's training "

@@ -62,6 +62,8 @@ class Coordinator:
             party = s.get(Party, name)
             if party is None:
                 return None
+            if party.revoked_at is not None:
+                raise AuthenticationError(f"party {name!r} is revoked: {party.revoked_reason}", sender=name)
             from cryptography.hazmat.primitives.asymmetric import ed25519
 
             return ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(party.identity_key)), party.role
@@ -149,7 +151,8 @@ def create_app(
     @app.get("/v1/parties", response_model=list[PartyOut])
     def parties(peer: Peer = Depends(PARTY)) -> Any:
         with session_scope(coord.factory) as s:
-            return [PartyOut.model_validate(p, from_attributes=True) for p in s.scalars(select(Party).order_by(Party.name))]
+            rows = s.scalars(select(Party).where(Party.revoked_at.is_(None)).order_by(Party.name))
+            return [PartyOut.model_validate(p, from_attributes=True) for p in rows]
 
     # -- agreements ------------------------------------------------------------------------
     @app.post("/v1/agreements")

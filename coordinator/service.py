@@ -46,6 +46,12 @@ def register_party(session: Session, ca_pem: bytes, info: pki.CertInfo, endpoint
         record(session, "party.registered", info.name, role=info.role, endpoint=endpoint, fingerprint=info.fingerprint)
     else:
         rekey = party.identity_key != fields["identity_key"] or party.box_key != fields["box_key"]
+        if party.revoked_at is not None and not (rekey and party.rekey_fingerprint == info.fingerprint):
+            raise PermissionDenied(
+                f"party {info.name!r}: its certificate was revoked ({party.revoked_reason or 'no reason given'}); "
+                f"it may register again only with new keys the coordinator operator approved: "
+                f"confide coordinator approve-rekey {info.name} --fingerprint <new certificate>"
+            )
         if rekey and party.rekey_fingerprint != info.fingerprint:
             # Keys are pinned at first registration: any CA-valid certificate for the name (an
             # old one, or one minted by whoever holds the CA key) must not silently replace them.
@@ -60,6 +66,7 @@ def register_party(session: Session, ca_pem: bytes, info: pki.CertInfo, endpoint
         party.updated_at = utcnow()
         if rekey:
             party.rekey_fingerprint = None
+            party.revoked_at = party.revoked_reason = None
             record(session, "party.rekeyed", info.name, fingerprint=info.fingerprint)
         elif changed:
             record(session, "party.updated", info.name, fields=sorted(changed))
@@ -77,6 +84,22 @@ def approve_rekey(session: Session, name: str, fingerprint: str, operator: str =
         raise Conflict(f"party {name!r} is already registered with that certificate")
     party.rekey_fingerprint = fingerprint
     record(session, "party.rekey_approved", operator, party=name, fingerprint=fingerprint)
+    session.flush()
+    return party
+
+
+def revoke_party(session: Session, name: str, reason: str, operator: str = "coordinator-operator") -> Party:
+    """Revoke a party's current certificate: the coordinator refuses its requests and its
+    re-registration with the same keys, and leaves it out of the registry it serves the nodes
+    (which drop it at their next refresh). New keys need `approve_rekey`."""
+    reason = reason.strip()
+    if not 1 <= len(reason) <= 200:
+        raise ValidationError("reason: 1 to 200 characters", field="reason")
+    party = get_party(session, name)
+    if party.revoked_at is not None:
+        raise Conflict(f"party {name!r} is already revoked (since {party.revoked_at.isoformat()})")
+    party.revoked_at, party.revoked_reason, party.rekey_fingerprint = utcnow(), reason, None
+    record(session, "party.revoked", operator, party=name, fingerprint=party.fingerprint, reason=reason)
     session.flush()
     return party
 
@@ -225,6 +248,11 @@ def create_job(
     if spec.expires_at <= dt.datetime.now(dt.timezone.utc):
         raise AgreementError(f"agreement {agreement_id} v{av.version} has expired")
     spec.party(requester)
+    revoked = sorted(p.name for p in spec.parties
+                     if (row := session.get(Party, p.name)) is not None and row.revoked_at is not None)
+    if revoked:
+        raise AgreementError(f"agreement {agreement_id}: the certificate of {', '.join(revoked)} is revoked; "
+                             "no job runs with it until it has approved new keys")
     rule = spec.rule(type_)
     if rule.requester is not None and rule.requester != requester:
         raise PermissionDenied(f"only {rule.requester!r} may request {type_!r} jobs under {agreement_id}")

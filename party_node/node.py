@@ -84,6 +84,11 @@ class Node:
                                            workers=settings.obfuscator_workers,
                                            refresh_s=settings.obfuscator_refresh_s)
         self.obfuscators.start()
+        # Refresh the peers' certificates now and then, so a revocation at the coordinator
+        # reaches this node without waiting for an unknown sender.
+        self._stop_refresh = threading.Event()
+        if settings.registry_refresh_s > 0:
+            threading.Thread(target=self._refresh_loop, name="registry-refresh", daemon=True).start()
 
     # -- peers and keys ------------------------------------------------------------------------
     def coordinator(self) -> ServiceClient:
@@ -131,8 +136,8 @@ class Node:
             try:
                 parties = c.get("/v1/parties")
             except ConfideError:
-                parties = []  # not registered yet
-        for p in parties:
+                parties = None  # not registered yet (or the listing failed): keep what we know
+        for p in parties or []:
             try:
                 pinfo = pki.verify_certificate(p["cert_pem"], self.identity.ca_pem)
             except ConfideError:
@@ -140,10 +145,27 @@ class Node:
                 continue
             if pinfo.name == p["name"]:
                 certs[pinfo.name] = pinfo
+        if parties is None:
+            with self._keys_lock:
+                self._certs.update(certs)
+            return
         with self._keys_lock:
-            self._certs.update(certs)
+            # The registry is the truth: a party it no longer lists (revoked) is dropped here too.
+            dropped = sorted(set(self._certs) - set(certs))
+            self._certs = certs
+        if dropped:
+            log.warning("peers no longer in the coordinator's registry (revoked?), dropped: %s", dropped)
         # Consent may name any other registered party as recipient.
         self.consent.recipients = frozenset(n for n in certs if n not in ("coordinator", self.identity.name))
+
+    def _refresh_loop(self) -> None:
+        while not self._stop_refresh.wait(self.settings.registry_refresh_s):
+            if not self._certs:
+                continue  # nothing learnt yet (not registered): the first use fetches
+            try:
+                self.refresh_keys()
+            except ConfideError as exc:
+                log.warning("could not refresh peer keys: %s", exc.message)
 
     def verified_keys(self, names: list[str]) -> dict[str, ed25519.Ed25519PublicKey]:
         out: dict[str, ed25519.Ed25519PublicKey] = {}
@@ -474,6 +496,7 @@ class Node:
         return {"kept": True, "log": head.log, "size": head.size}
 
     def close(self) -> None:
+        self._stop_refresh.set()
         self.obfuscators.close()
         for ev in list(self._running.values()):
             ev.set()

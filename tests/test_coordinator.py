@@ -291,3 +291,43 @@ def test_approve_rekey_cli(pki_dir: Path, tmp_path: Path) -> None:
         kinds = [r[0] for r in conn.execute(text("select kind from events"))]
     eng.dispose()
     assert row[0] == "ab" * 32 and "party.rekey_approved" in kinds
+
+
+def test_a_revoked_party_is_refused_until_it_registers_operator_approved_new_keys(  # type: ignore[no-untyped-def]
+        coord, pki_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from coordinator import service
+    from confide.db import session_scope
+
+    active_agreement(coord, pki_dir)
+    app, tc = coord
+    factory = app.state.coordinator.factory
+    with session_scope(factory) as s:
+        with pytest.raises(ValidationError, match="reason"):
+            service.revoke_party(s, "partner", "   ")
+        service.revoke_party(s, "partner", "identity key leaked")
+    with pytest.raises(AuthenticationError, match="'partner' is revoked: identity key leaked"):
+        client(coord, pki_dir, "partner").get("/v1/agreements")
+    assert [p["name"] for p in client(coord, pki_dir, "brand").get("/v1/parties")] == ["brand"]
+    with pytest.raises(AgreementError, match="partner is revoked"):
+        client(coord, pki_dir, "brand").post("/v1/jobs", job_request(pki_dir, "brand", "dataset-stats"))
+    with pytest.raises(PermissionDenied, match="revoked"):  # the same certificate cannot come back
+        register(coord, pki_dir, "partner")
+    with session_scope(factory) as s:
+        with pytest.raises(Conflict, match="already revoked"):
+            service.revoke_party(s, "partner", "again")
+    # New keys, approved by the operator: the party is back, with them.
+    other = tmp_path / "other"
+    shutil.copytree(pki_dir / "ca", other / "ca")
+    pki.issue(other, "partner", "partner")
+    new = pki.load_identity(other / "partner")
+    with session_scope(factory) as s:
+        service.approve_rekey(s, "partner", pki.verify_certificate(new.cert_pem, new.ca_pem).fingerprint)
+    inprocess_client(app, tc, other, "partner", "coordinator").post("/v1/parties", {
+        "name": "partner", "role": "partner", "endpoint": "https://partner.example:8401",
+        "cert_pem": new.cert_pem.decode()})
+    assert [p["name"] for p in client(coord, pki_dir, "brand").get("/v1/parties")] == ["brand", "partner"]
+    assert isinstance(inprocess_client(app, tc, other, "partner", "coordinator").get("/v1/agreements"), list)
+    with pytest.raises(AuthenticationError, match="bad signature"):  # the leaked key is worthless now
+        client(coord, pki_dir, "partner").get("/v1/agreements")

@@ -8,6 +8,7 @@ import json
 import ssl
 import subprocess
 import sys
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -362,3 +363,35 @@ def test_audit_heads_reach_coordinator_and_peers_and_expose_tampering(net: Local
                   check=False)
     assert bad.returncode == 1
     assert "seq 1" in (bad.stdout + bad.stderr)
+
+
+def test_a_revoked_party_is_cut_off_at_the_coordinator_and_dropped_by_the_other_nodes(net: LocalNet, active: dict) -> None:
+    """Runs last in this module: it leaves the partner revoked. The coordinator's operator
+    revokes the partner's certificate (CLI on the running coordinator's database): the partner's
+    calls are refused, no job of its agreements starts, and the brand node drops it from its
+    peers at its next registry refresh."""
+    # The brand node, restarted with a fast registry refresh, learns its peers during a job.
+    net.kill("brand", signal.SIGTERM)
+    net.start("brand", extra_env={"CONFIDE_NODE_REGISTRY_REFRESH_S": "0.5"})
+    out = confide("node", "job", "create", "--type", "dataset-stats", "--agreement", "coffee-2026", "--wait",
+                  "--json", "--config", str(net.config("brand")))
+    assert json.loads(out.stdout)["status"] == "succeeded"
+
+    bad = confide("coordinator", "revoke", "partner", "--reason", " ", "--config", str(net.config("coordinator")),
+                  check=False)
+    assert bad.returncode == 2 and "reason" in bad.stderr
+    confide("coordinator", "revoke", "partner", "--reason", "identity key leaked (ticket 42)",
+            "--config", str(net.config("coordinator")))
+    again = confide("coordinator", "revoke", "partner", "--reason", "again", "--config", str(net.config("coordinator")),
+                    check=False)
+    assert again.returncode != 0 and "already revoked" in again.stderr
+    refused = confide("node", "agreement", "list", "--config", str(net.config("partner")), check=False)
+    assert refused.returncode != 0 and "revoked" in (refused.stderr + refused.stdout)
+    job = confide("node", "job", "create", "--type", "dataset-stats", "--agreement", "coffee-2026",
+                  "--config", str(net.config("brand")), check=False)
+    assert job.returncode != 0 and "partner is revoked" in (job.stderr + job.stdout)
+    log = net.services["brand"].log
+    deadline = time.monotonic() + 30
+    while "dropped: ['partner']" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.3)

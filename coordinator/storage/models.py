@@ -42,6 +42,8 @@ class Party(CoordinatorBase):
         String(64), default=None,
         doc="a certificate with other keys that the coordinator's operator approved for this party (used once)",
     )
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(default=None, doc="set: its certificate is revoked")
+    revoked_reason: Mapped[str | None] = mapped_column(String(200), default=None)
 
 
 class AgreementVersion(CoordinatorBase):
