@@ -231,21 +231,16 @@ class _Escapes(dict):  # type: ignore[type-arg]
 # --------------------------------------------------------------------------- the preparer
 
 
-class Preparer:
-    """Prepares chunks under one spec; keeps per-import caches (checked purpose/recipient/
-    notice combinations, parsed time strings)."""
+class Pseudonymizer:
+    """Subject pseudonyms: HMAC-SHA256 under the pseudonym key, the first 128 bits in hex
+    (collision-free at any realistic scale). The pads are hashed once, which makes it ~2x
+    faster than `hmac.digest` per subject. The store and the import workers both use this one
+    definition, so a subject gets the same pseudonym whichever process computed it."""
 
-    def __init__(self, spec: PrepSpec) -> None:
-        self.spec = spec
-        block = spec.pseudonym_key.ljust(64, b"\0")
-        # HMAC-SHA256 with the pads hashed once: ~2x faster than hmac.digest per subject.
+    def __init__(self, key: bytes) -> None:
+        block = bytes(key).ljust(64, b"\0")
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
-        self._checked: set[tuple[Any, ...]] = set()
-        self._times: dict[str, _Time] = {}
-        self._now = time_info(spec.now)
-        self._esc = _Escapes()
-        self._wrap = AESGCM(spec.wrap_key)
 
     def ref(self, value: str) -> str:
         inner = self._inner.copy()
@@ -253,6 +248,31 @@ class Preparer:
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.hexdigest()[:32]
+
+    def refs(self, values: Iterable[str]) -> list[str]:
+        icopy, ocopy = self._inner.copy, self._outer.copy
+        out = []
+        for v in values:
+            i = icopy()
+            i.update(v.encode("utf-8"))
+            o = ocopy()
+            o.update(i.digest())
+            out.append(o.hexdigest()[:32])
+        return out
+
+
+class Preparer:
+    """Prepares chunks under one spec; keeps per-import caches (checked purpose/recipient/
+    notice combinations, parsed time strings)."""
+
+    def __init__(self, spec: PrepSpec) -> None:
+        self.spec = spec
+        self.ref = Pseudonymizer(spec.pseudonym_key).ref
+        self._checked: set[tuple[Any, ...]] = set()
+        self._times: dict[str, _Time] = {}
+        self._now = time_info(spec.now)
+        self._esc = _Escapes()
+        self._wrap = AESGCM(spec.wrap_key)
 
     # -------------------------------------------------------------- entry point
 

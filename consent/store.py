@@ -68,6 +68,7 @@ from consent.prepare import (
     NoticeTerms as _NoticeTerms,
     Preparer,
     PrepSpec,
+    Pseudonymizer,
     batch_digest,
     init_worker,
     pydantic_error,
@@ -190,31 +191,13 @@ class _Keys:
             raise ConfigurationError("the consent secret key must be at least 16 bytes")
         pkey = _hkdf(bytes(secret), b"confide/consent/pseudonym/v1")
         self.pseudonym_key = pkey  # for import worker processes (PrepSpec); never logged
-        block = pkey.ljust(64, b"\0")
-        # HMAC-SHA256 with the pads hashed once: ~2x faster than hmac.digest per subject.
-        # Pseudonyms are its first 128 bits in hex (collision-free at any realistic scale).
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        pseudonyms = Pseudonymizer(pkey)
+        self.ref, self.refs = pseudonyms.ref, pseudonyms.refs
         self.wrap_key = _hkdf(bytes(secret), b"confide/consent/key-wrap/v1")  # for import workers too
         self._wrap = AESGCM(self.wrap_key)
 
-    def ref(self, value: str) -> str:
-        inner = self._inner.copy()
-        inner.update(value.encode("utf-8"))
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()[:32]
-
-    def refs(self, values: Iterable[str]) -> list[str]:
-        icopy, ocopy = self._inner.copy, self._outer.copy
-        out = []
-        for v in values:
-            i = icopy()
-            i.update(v.encode("utf-8"))
-            o = ocopy()
-            o.update(i.digest())
-            out.append(o.hexdigest()[:32])
-        return out
+        pseudonyms = Pseudonymizer(pkey)
+        self.ref, self.refs = pseudonyms.ref, pseudonyms.refs
 
     def unwrap(self, ref: str, wrapped: bytes) -> AESGCM:
         return AESGCM(self._wrap.decrypt(wrapped[:12], wrapped[12:], ref.encode()))

@@ -407,3 +407,19 @@ def test_purge_after_retention_keeps_evidence_and_current_rules(db_url: str) -> 
     after = s.allowed(["m1", "m2"], "modeling", None, T0 + 20 * DAY)
     assert (after.allowed, after.denied_counts) == (before.allowed, before.denied_counts)
     assert [p for k, p in audit.entries if k == "consent.purge"][-1]["identifiers_dropped"] == 1
+
+
+def test_pseudonyms_are_hmac_sha256_truncated_to_128_bits() -> None:
+    """The one pseudonym definition the store and the import workers share (consent.prepare
+    .Pseudonymizer) is HMAC-SHA256 under the pseudonym key, first 128 bits in hex."""
+    import hashlib
+    import hmac
+
+    from consent.prepare import Pseudonymizer
+
+    key = bytes(range(32))
+    p = Pseudonymizer(key)
+    values = ["13800138000", "alice@example.com", "o6_bmjrPTlm6_2sgVt7hMZOPfL2M", "", "微信-用户"]
+    expected = [hmac.new(key, v.encode("utf-8"), hashlib.sha256).hexdigest()[:32] for v in values]
+    assert [p.ref(v) for v in values] == expected == p.refs(values)
+    assert Pseudonymizer(bytes(range(1, 33))).ref(values[0]) != expected[0]
