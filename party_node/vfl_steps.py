@@ -305,11 +305,7 @@ def _dataset_and_frame(ctx: StepContext, match_job: str, columns: list[str]
     from party_node import datasets as ds
 
     with session_scope(ctx.node.factory) as s:
-        rows = s.execute(select(PsiMatch.row_key, PsiMatch.join_key, PsiMatch.dataset, PsiMatch.agreement_id)
-                         .where(PsiMatch.job_id == match_job)).all()
-        if not rows:
-            raise ValidationError(f"this node holds no matched rows of match job {match_job}; run a match job first",
-                                  field="match_job")
+        rows = _match_rows(s, match_job)
         if {r[3] for r in rows} != {ctx.agreement.agreement_id}:
             raise AgreementError(f"match job {match_job} ran under another agreement")
         datasets = {r[2] for r in rows}
@@ -344,14 +340,20 @@ def _encoder(model: dict[str, Any]) -> Any:
     return Encoder.identity(list(model["features"]))
 
 
-def _joins(ctx: StepContext, match_job: str, dataset: str) -> dict[str, str]:
-    """This node's row key -> join key of `match_job` (which must have matched `dataset`)."""
-    with session_scope(ctx.node.factory) as s:
-        rows = s.execute(select(PsiMatch.row_key, PsiMatch.join_key, PsiMatch.dataset, PsiMatch.agreement_id)
-                         .where(PsiMatch.job_id == match_job)).all()
+def _match_rows(s: Any, match_job: str) -> list[Any]:
+    """(row key, join key, dataset, agreement id) of every row `match_job` matched at this node."""
+    rows = s.execute(select(PsiMatch.row_key, PsiMatch.join_key, PsiMatch.dataset, PsiMatch.agreement_id)
+                     .where(PsiMatch.job_id == match_job)).all()
     if not rows:
         raise ValidationError(f"this node holds no matched rows of match job {match_job}; run a match job first",
                               field="match_job")
+    return list(rows)
+
+
+def _joins(ctx: StepContext, match_job: str, dataset: str) -> dict[str, str]:
+    """This node's row key -> join key of `match_job` (which must have matched `dataset`)."""
+    with session_scope(ctx.node.factory) as s:
+        rows = _match_rows(s, match_job)
     if {r[3] for r in rows} != {ctx.agreement.agreement_id} or {r[2] for r in rows} != {dataset}:
         raise ValidationError(f"match job {match_job} matched another dataset or ran under another agreement",
                               field="match_job")

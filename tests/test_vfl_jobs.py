@@ -178,6 +178,15 @@ def world3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNet,
     yield from _make_world(tmp_path_factory.mktemp("vfl3"), with_partner2=True)
 
 
+def _run(net: LocalNet, type_: str, agreement: str, params: dict, timeout: float = 120) -> dict:
+    """Create a job at the brand node, wait for it, and require that it succeeded."""
+    with net.client("brand") as c:
+        job = c.post("/v1/admin/jobs", {"type": type_, "agreement_id": agreement, "params": params})
+    job = wait_job(net, "brand", job["id"], timeout=timeout)
+    assert job["status"] == "succeeded", job.get("error")
+    return job
+
+
 def _private(net: LocalNet, party: str, job_id: str) -> dict:
     with net.client(party) as c:
         return next(iter(c.get(f"/v1/admin/jobs/{job_id}/private").values()))
@@ -463,11 +472,7 @@ def test_categorical_features_are_one_hot_at_their_own_node_and_scoring_uses_the
     assert "segment=" not in text and "band=" not in text and "<other>" not in text
 
     # Scoring applies the stored transform (standardisation and vocabulary) to the leads.
-    with net.client("brand") as c:
-        sj = c.post("/v1/admin/jobs", {"type": "score", "agreement_id": "vfl-2026",
-                                       "params": {"model": job["id"], "dataset": "leads"}})
-    sj = wait_job(net, "brand", sj["id"], timeout=60)
-    assert sj["status"] == "succeeded", sj.get("error")
+    sj = _run(net, "score", "vfl-2026", {"model": job["id"], "dataset": "leads"}, timeout=60)
     scores = {s["lead"]: s for s in _private(net, "brand", sj["id"])["scores"]}
     pos = {r: i for i, (_, r, _) in enumerate(rows)}
     checked = 0
@@ -494,10 +499,7 @@ def test_nodes_precompute_obfuscators_for_the_agreements_arbiter_key_and_trainin
     while idle; a training job's setup then takes its obfuscators from the stock, and the
     model is the same as without it."""
     net, w = world
-    with net.client("brand") as c:
-        cold = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": _params(w)})
-    cold = wait_job(net, "brand", cold["id"], timeout=120)
-    assert cold["status"] == "succeeded", cold.get("error")
+    cold = _run(net, "train", "vfl-2026", _params(w))
     cold_parts = {p: _private(net, p, cold["id"]) for p in ("brand", "partner")}
     for part in cold_parts.values():
         assert part["obfuscators_from_stock"] == 0 and part["encrypted"] > 0
@@ -523,10 +525,7 @@ def test_nodes_precompute_obfuscators_for_the_agreements_arbiter_key_and_trainin
         shown = confide("node", "obfuscators", "--config", str(net.config("partner")))
         assert "vfl-2026" in shown.stdout and "1,500 / 1,500" in shown.stdout
 
-        with net.client("brand") as c:
-            warm = c.post("/v1/admin/jobs", {"type": "train", "agreement_id": "vfl-2026", "params": _params(w)})
-        warm = wait_job(net, "brand", warm["id"], timeout=120)
-        assert warm["status"] == "succeeded", warm.get("error")
+        warm = _run(net, "train", "vfl-2026", _params(w))
         after = {p: _stock(net, p)["keys"][0] for p in ("brand", "partner")}
         for p in ("brand", "partner"):
             part = _private(net, p, warm["id"])
@@ -590,11 +589,7 @@ def test_one_brand_and_two_partners_train_one_model_across_real_processes(world3
         assert "metrics" not in part and "auc" not in text and f'"{other}"' not in text
 
     # Scoring with both parts: the brand's leads every partner knows get the three-party score.
-    with net.client("brand") as c:
-        sj = c.post("/v1/admin/jobs", {"type": "score", "agreement_id": "vfl3-2026",
-                                       "params": {"model": job["id"], "dataset": "leads"}})
-    sj = wait_job(net, "brand", sj["id"], timeout=60)
-    assert sj["status"] == "succeeded", sj.get("error")
+    sj = _run(net, "score", "vfl3-2026", {"model": job["id"], "dataset": "leads"}, timeout=60)
     scores = {s["lead"]: s for s in _private(net, "brand", sj["id"])["scores"]}
     pos = {r: i for i, r in enumerate(rows)}
     joint = [r for r in rows if not scores[r]["partner_missing"]]
